@@ -1,0 +1,291 @@
+"""Tests of the reference experiments' data module (reference/data.py).
+
+Fake IDX files are written into ``tmp_path``; the test on the real Fashion-MNIST files is skipped
+when the Debian package is not installed. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference.data import (
+    DEBIAN_FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    DatasetNotFoundError,
+    TensorBatches,
+    find_fashion_mnist,
+    load_digits_datasets,
+    load_fashion_mnist,
+    read_idx,
+    subset,
+)
+
+
+def idx_bytes(t: torch.Tensor) -> bytes:
+    """Encode a tensor in the IDX format (big-endian), the inverse of read_idx."""
+    codes = {torch.uint8: 0x08, torch.int32: 0x0C, torch.float32: 0x0D}
+    header = bytes([0, 0, codes[t.dtype], t.dim()])
+    header += b"".join(int(s).to_bytes(4, "big") for s in t.shape)
+    data = t.contiguous().view(torch.uint8).view(-1, t.element_size()).flip(1)
+    return header + data.numpy().tobytes()
+
+
+def write_fake_fashion_mnist(
+    directory: Path, n_train: int = 12, n_test: int = 5, gz: bool = True, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Write the four IDX files with random 28x28 images; return the tensors written."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "train_images": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+        "train_labels": torch.randint(0, 10, (n_train,), generator=g, dtype=torch.uint8),
+        "test_images": torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+        "test_labels": torch.randint(0, 10, (n_test,), generator=g, dtype=torch.uint8),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, stem in FASHION_MNIST_FILES.items():
+        raw = idx_bytes(tensors[key])
+        if gz:
+            (directory / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (directory / stem).write_bytes(raw)
+    return tensors
+
+
+# --- read_idx ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4),
+        torch.tensor([1, -2, 70000], dtype=torch.int32),
+        torch.tensor([[0.5, -1.25]], dtype=torch.float32),
+    ],
+)
+def test_read_idx_round_trip(tmp_path: Path, tensor: torch.Tensor, gz: bool) -> None:
+    raw = idx_bytes(tensor)
+    path = tmp_path / ("x.gz" if gz else "x")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    out = read_idx(path)
+    assert out.dtype == tensor.dtype
+    assert torch.equal(out, tensor)
+
+
+def test_read_idx_rejects_non_idx(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "short"
+    path.write_bytes(idx_bytes(torch.zeros(4, 2, dtype=torch.uint8))[:-3])
+    with pytest.raises(ValueError, match=r"truncated.*shape \[4, 2\]"):
+        read_idx(path)
+
+
+# --- find_fashion_mnist -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_find_explicit_directory(tmp_path: Path, gz: bool) -> None:
+    write_fake_fashion_mnist(tmp_path / "fm", gz=gz)
+    source = find_fashion_mnist(tmp_path / "fm", download=False)
+    assert source.kind == "directory"
+    assert source.location == tmp_path / "fm"
+    assert source.files["test_labels"].name == "t10k-labels-idx1-ubyte" + (".gz" if gz else "")
+
+
+def test_find_explicit_directory_torchvision_layout(tmp_path: Path) -> None:
+    write_fake_fashion_mnist(tmp_path / "root" / "FashionMNIST" / "raw", gz=False)
+    source = find_fashion_mnist(tmp_path / "root", download=False)
+    assert source.kind == "directory"
+    assert source.location == tmp_path / "root" / "FashionMNIST" / "raw"
+
+
+def test_explicit_directory_missing_does_not_fall_back(tmp_path: Path) -> None:
+    # Even when another copy exists, a wrong --data-dir must be reported, not silently replaced.
+    write_fake_fashion_mnist(tmp_path / "debian")
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_fashion_mnist(tmp_path / "typo", debian_dir=tmp_path / "debian", download=False)
+    assert str(tmp_path / "typo") in str(info.value)
+
+
+def test_explicit_directory_incomplete(tmp_path: Path) -> None:
+    write_fake_fashion_mnist(tmp_path / "fm")
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match="not found in --data-dir"):
+        find_fashion_mnist(tmp_path / "fm", download=False)
+
+
+def test_find_debian_directory(tmp_path: Path) -> None:
+    write_fake_fashion_mnist(tmp_path / "debian")
+    source = find_fashion_mnist(
+        debian_dir=tmp_path / "debian", download_root=tmp_path / "dl", download=False
+    )
+    assert source.kind == "debian"
+
+
+def test_find_torchvision_cache_without_download(tmp_path: Path) -> None:
+    write_fake_fashion_mnist(tmp_path / "dl" / "FashionMNIST" / "raw", gz=False)
+    source = find_fashion_mnist(
+        debian_dir=tmp_path / "nothing", download_root=tmp_path / "dl", download=False
+    )
+    assert source.kind == "torchvision"
+
+
+def assert_names_all_three_options(message: str) -> None:
+    assert "Three ways" in message
+    assert "--data-dir" in message  # 1. explicit directory
+    assert "apt-get install dataset-fashion-mnist" in message  # 2. Debian package
+    assert str(DEBIAN_FASHION_MNIST_DIR) in message
+    assert "torchvision.datasets.FashionMNIST" in message and "download=True" in message  # 3.
+    for stem in FASHION_MNIST_FILES.values():
+        assert stem in message
+
+
+def test_nothing_found_names_all_three_options(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_fashion_mnist(
+            debian_dir=tmp_path / "no-debian", download_root=tmp_path / "dl", download=False
+        )
+    assert_names_all_three_options(str(info.value))
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_failed_download_names_all_three_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class OfflineFashionMNIST:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    fake_datasets = types.SimpleNamespace(FashionMNIST=OfflineFashionMNIST)
+    fake_torchvision = types.ModuleType("torchvision")
+    fake_torchvision.datasets = fake_datasets  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", fake_torchvision)
+    with pytest.raises(DatasetNotFoundError) as info:
+        find_fashion_mnist(debian_dir=tmp_path / "no-debian", download_root=tmp_path / "dl")
+    message = str(info.value)
+    assert_names_all_three_options(message)
+    assert "RuntimeError" in message and "no network" in message
+
+
+def test_download_uses_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bool] = []
+
+    class FakeFashionMNIST:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append(train)
+            raw = Path(root) / "FashionMNIST" / "raw"
+            if not raw.exists():
+                write_fake_fashion_mnist(raw, gz=False)
+
+    fake_torchvision = types.ModuleType("torchvision")
+    fake_torchvision.datasets = types.SimpleNamespace(FashionMNIST=FakeFashionMNIST)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", fake_torchvision)
+    source = find_fashion_mnist(debian_dir=tmp_path / "no-debian", download_root=tmp_path / "dl")
+    assert source.kind == "torchvision"
+    assert calls == [True, False]
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def test_load_fake_fashion_mnist(tmp_path: Path) -> None:
+    written = write_fake_fashion_mnist(tmp_path, n_train=12, n_test=5)
+    train, test, source = load_fashion_mnist(tmp_path, download=False)
+    assert source.kind == "directory"
+    x, y = train.tensors
+    assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and torch.equal(y, written["train_labels"].long())
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1.0) < 1e-4
+    assert test.tensors[0].shape == (5, 1, 28, 28)
+    # The test split uses the training statistics: the same pixel maps to the same value.
+    pixel = written["test_images"][0, 0, 0]
+    where = (written["train_images"] == pixel).nonzero()
+    if len(where):
+        i, r, c = where[0].tolist()
+        assert float(test.tensors[0][0, 0, 0, 0]) == pytest.approx(float(x[i, 0, r, c]))
+
+
+def test_load_rejects_mismatched_counts(tmp_path: Path) -> None:
+    write_fake_fashion_mnist(tmp_path)
+    labels = idx_bytes(torch.zeros(3, dtype=torch.uint8))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    with pytest.raises(ValueError, match="train files disagree"):
+        load_fashion_mnist(tmp_path, download=False)
+
+
+@pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed (apt-get install it to run this)",
+)
+def test_real_fashion_mnist_from_debian() -> None:
+    train, test, source = load_fashion_mnist()
+    assert source.kind == "debian"
+    assert train.tensors[0].shape == (60000, 1, 28, 28)
+    assert test.tensors[0].shape == (10000, 1, 28, 28)
+    # Fashion-MNIST is balanced: 6000 training and 1000 test images per class.
+    assert torch.bincount(train.tensors[1]).tolist() == [6000] * 10
+    assert torch.bincount(test.tensors[1]).tolist() == [1000] * 10
+    assert abs(float(train.tensors[0].mean())) < 1e-3
+
+
+def test_load_digits_datasets() -> None:
+    pytest.importorskip("sklearn")
+    train, test = load_digits_datasets(test_fraction=0.25, seed=0)
+    assert train.tensors[0].shape[1:] == (1, 8, 8)
+    assert len(train) + len(test) == 1797
+    assert len(test) == 450
+    assert set(test.tensors[1].tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_datasets(test_fraction=1.5)
+
+
+# --- batching ---------------------------------------------------------------------------------
+
+
+def test_tensor_batches_cover_every_item_once() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10))
+    batches = list(TensorBatches(data, batch_size=4, seed=3))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert torch.equal(torch.cat([x.flatten() for x, _ in batches]).long(), seen)
+    again = torch.cat([y for _, y in TensorBatches(data, batch_size=4, seed=3)])
+    assert torch.equal(seen, again)  # same seed, same order
+    assert len(TensorBatches(data, batch_size=4, drop_last=True)) == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorBatches(data, batch_size=0)
+
+
+def test_tensor_batches_augmentation_keeps_shape() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+    for x, _ in TensorBatches(data, batch_size=8, flip=True, shift=2):
+        assert x.shape == (8, 1, 28, 28)
+
+
+def test_subset_is_deterministic() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.arange(20.0), torch.arange(20))
+    a, b = subset(data, 5, seed=1), subset(data, 5, seed=1)
+    assert torch.equal(a.tensors[1], b.tensors[1]) and len(a) == 5
+    assert torch.equal(a.tensors[0].long(), a.tensors[1])
+    assert subset(data, None) is data
+    with pytest.raises(ValueError, match="subset size"):
+        subset(data, 21)
