@@ -1,0 +1,278 @@
+"""Exact budgeted top-k selection over many tensors, without sorting all entries.
+
+The hard top-k of Spartan keeps entries greedily by decreasing unit value ``u`` (ties: lower
+chunk index first, then lower flat index), an entry being kept while at least half of its cost
+still fits in the budget ``B``::
+
+    keep entry e  <=>  (cost of the entries before e) + c_e / 2 <= B.
+
+Costs are positive, so the kept entries are a prefix of that order and everything is decided by
+the last kept entry. We locate it by selection instead of a sort:
+
+1. A window ``[a, b]`` of unit values is guessed from a strided sample (or from the previous
+   threshold, ``hint``), with a margin of a few standard deviations of the sample quantile.
+2. One exact pass counts the cost ``C(>b)`` of the entries above ``b`` and one gathers the entries
+   inside the window. If ``C(>b) <= B <= C(>=a)`` then every entry above ``b`` is kept (the last of
+   them starts before ``C(>b) - c/2 < B``) and every entry below ``a`` is dropped (the first of
+   them starts at ``C(>=a) >= B``), so only the window's few candidates remain to be ordered.
+   Otherwise the failed side tightens a bracket that provably contains the boundary and the
+   window is widened; once the margin covers the whole sample the window is the bracket itself,
+   which always passes.
+3. The candidates are ordered (stable sort, descending, of entries gathered in tie order) or, when
+   there are many, narrowed again by the same procedure on the candidates alone.
+
+All comparisons are exact: window ends are rounded outwards into each tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["select_top_budget"]
+
+# Size of the strided sample that guesses the window, and the most candidates ordered by a sort
+# (more are narrowed again by the same selection applied to the candidates alone).
+_SAMPLE_SIZE = 1 << 16
+_MAX_SORTED = 1 << 17
+# Margin of the first window in standard deviations of the sample rank; multiplied by 4 per retry.
+_Z = 5.0
+# Relative half-width of the window around a warm-start hint.
+_HINT_WIDTH = 2.0**-10
+_MAX_DEPTH = 4
+
+Cost = float | torch.Tensor
+
+
+def select_top_budget(
+    chunks: Sequence[torch.Tensor],
+    costs: Sequence[float],
+    budget: float,
+    hint: float | None = None,
+    *,
+    check: bool = True,
+) -> tuple[list[torch.Tensor], float]:
+    """Hard top-k with a budget over several tensors at once, without concatenating them.
+
+    Entries are taken by decreasing unit value (ties: lower chunk index, then lower flat index
+    first); an entry is kept while at least half of its cost still fits in ``budget``, i.e. when
+    the cost of the entries before it plus half its own cost is ``<= budget``. This equals
+    :func:`torchspartan.hard_topk` on the concatenation of the flattened chunks with per-entry
+    costs ``costs[i]`` repeated over ``chunks[i]``. No sort of all entries: a few elementwise
+    passes plus a sort of the few entries near the boundary.
+
+    Args:
+        chunks: tensors of unit values ``u >= 0`` (any shapes, floating dtypes, one device).
+        costs: the cost ``> 0`` of every entry of ``chunks[i]``, one number per chunk.
+        budget: the budget ``B``. ``B <= 0`` keeps nothing, ``B >= sum of all costs`` keeps all.
+        hint: the threshold returned by a previous call on similar values (e.g. the previous
+            training step); it narrows the first window. Any value is safe.
+        check: validate the values (one extra read pass detecting NaN, Inf and negatives).
+
+    Returns:
+        ``(masks, threshold)``: one bool tensor per chunk, of its shape, True for kept entries;
+        and the unit value of the last kept entry (``inf`` when nothing is kept).
+
+    Raises:
+        TypeError: a chunk that is not a floating-point tensor.
+        ValueError: different numbers of chunks and costs, chunks on several devices, a cost that
+            is not finite and positive, a NaN budget, or (with ``check``) NaN, Inf or negative
+            values.
+
+    Example:
+        >>> import torch
+        >>> masks, t = select_top_budget([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0])],
+        ...                              costs=[1.0, 1.0], budget=2)
+        >>> [m.tolist() for m in masks], t
+        ([[True, False], [True, False]], 2.0)
+    """
+    chunks = list(chunks)
+    cost_list = [float(c) for c in costs]
+    if len(chunks) != len(cost_list):
+        raise ValueError(
+            f"chunks and costs must have the same length, got {len(chunks)} chunks and "
+            f"{len(cost_list)} costs; give one cost per chunk"
+        )
+    for i, (t, c) in enumerate(zip(chunks, cost_list, strict=True)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"chunks[{i}] must be a floating-point tensor, got {what}")
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"costs[{i}] must be finite and > 0, got {c!r}")
+    budget = float(budget)
+    if math.isnan(budget):
+        raise ValueError("budget must be a number, got nan")
+    if not chunks:
+        return [], math.inf
+    devices = {t.device for t in chunks}
+    if len(devices) > 1:
+        raise ValueError(f"chunks must all be on one device, got {sorted(map(str, devices))}")
+    flat = [t.reshape(-1) for t in chunks]
+    if check:
+        _check_values(flat)
+    masks, threshold = _select(flat, list(cost_list), budget, hint)
+    return [m.view(t.shape) for m, t in zip(masks, chunks, strict=True)], threshold
+
+
+def _check_values(flat: list[torch.Tensor]) -> None:
+    nonempty = [(i, u) for i, u in enumerate(flat) if u.numel() > 0]
+    if not nonempty:
+        return
+    ext = torch.stack([torch.stack(torch.aminmax(u)).to(torch.float64) for _, u in nonempty])
+    for (i, u), (lo, hi) in zip(nonempty, ext.tolist(), strict=True):
+        if math.isnan(lo) or math.isnan(hi) or math.isinf(hi) or lo < 0:
+            bad = "NaN" if math.isnan(lo) or math.isnan(hi) else (
+                "Inf" if math.isinf(hi) else f"a negative value ({lo:.6g})"
+            )
+            raise ValueError(
+                f"chunks[{i}] (shape {tuple(u.shape)}) must hold finite unit values >= 0, "
+                f"found {bad}; pass scores such as |theta| / cost"
+            )
+
+
+def _round_to(x: float, dtype: torch.dtype, up: bool) -> float:
+    """``x`` rounded up (or down) to a value of ``dtype``, so that comparisons stay exact."""
+    if dtype == torch.float64 or not math.isfinite(x):
+        return x
+    t = torch.tensor(x, dtype=torch.float64).to(dtype)
+    y = float(t)
+    if (up and y < x) or (not up and y > x):
+        y = float(torch.nextafter(t, torch.tensor(math.inf if up else -math.inf, dtype=dtype)))
+    return y
+
+
+def _cost_total(us: list[torch.Tensor], cs: list[Cost]) -> float:
+    total = 0.0
+    for u, c in zip(us, cs, strict=True):
+        total += c * u.numel() if isinstance(c, float) else float(c.sum(dtype=torch.float64))
+    return total
+
+
+def _cost_of(flags: list[torch.Tensor], cs: list[Cost]) -> float:
+    """Total cost of the flagged entries (one host synchronisation)."""
+    parts = []
+    for f, c in zip(flags, cs, strict=True):
+        if isinstance(c, float):
+            parts.append(torch.count_nonzero(f).to(torch.float64) * c)
+        else:
+            parts.append(torch.where(f, c, 0.0).sum(dtype=torch.float64))
+    return float(torch.stack(parts).sum()) if parts else 0.0
+
+
+class _Sample:
+    """A strided sample of the entries, sorted by decreasing value, with cumulative cost weights."""
+
+    def __init__(self, us: list[torch.Tensor], cs: list[Cost]) -> None:
+        n = sum(u.numel() for u in us)
+        stride = max(1, n // _SAMPLE_SIZE)
+        values, weights = [], []
+        for u, c in zip(us, cs, strict=True):
+            if u.numel() == 0:
+                continue
+            offset = min(stride // 2, u.numel() - 1)
+            s = u[offset::stride]
+            scale = u.numel() / s.numel()
+            values.append(s.to(torch.float64))
+            if isinstance(c, float):
+                weights.append(torch.full_like(values[-1], c * scale))
+            else:
+                weights.append(c[offset::stride].to(torch.float64) * scale)
+        v = torch.cat(values).cpu()
+        w = torch.cat(weights).cpu()
+        v, order = torch.sort(v, descending=True)
+        self.values = v
+        self.cumulative = torch.cumsum(w[order], 0)
+
+    def window(self, budget: float, attempt: int, lo: float, hi: float) -> tuple[float, float]:
+        s = self.values.numel()
+        r = int(torch.searchsorted(self.cumulative, torch.tensor([budget], dtype=torch.float64)))
+        p = min(max(r / s, 0.0), 1.0)
+        margin = int(_Z * math.sqrt(s * p * (1 - p)) + 8) * 4**attempt
+        a = float(self.values[r + margin]) if r + margin < s else lo
+        b = float(self.values[r - margin]) if r - margin >= 0 else hi
+        a, b = max(a, lo), min(b, hi)
+        return (lo, hi) if a > b else (a, b)
+
+
+def _select(
+    us: list[torch.Tensor], cs: list[Cost], budget: float, hint: float | None, depth: int = 0
+) -> tuple[list[torch.Tensor], float]:
+    """Core of :func:`select_top_budget` on flat tensors; ``cs[i]`` a number or per-entry costs."""
+    if budget <= 0:
+        return [torch.zeros(u.shape, dtype=torch.bool, device=u.device) for u in us], math.inf
+    total = _cost_total(us, cs)
+    if budget >= total:
+        masks = [torch.ones(u.shape, dtype=torch.bool, device=u.device) for u in us]
+        lows = [u.min().to(torch.float64) for u in us if u.numel() > 0]
+        return masks, float(torch.stack(lows).min()) if lows else math.inf
+    # Bracket of the boundary: C(> hi) <= budget <= C(>= lo).
+    lo, hi = -math.inf, math.inf
+    sample: _Sample | None = None
+    attempt = 0
+    first: tuple[float, float] | None = None
+    if hint is not None and math.isfinite(hint) and hint >= 0:
+        first = (hint * (1 - _HINT_WIDTH), hint * (1 + _HINT_WIDTH))
+    while True:
+        if first is not None:
+            a, b = max(first[0], lo), min(first[1], hi)
+            first = None
+            if a > b:
+                continue
+        else:
+            if sample is None:
+                sample = _Sample(us, cs)
+            a, b = sample.window(budget, attempt, lo, hi)
+            attempt += 1
+        above = [torch.gt(u, _round_to(b, u.dtype, up=False)) for u in us]
+        cost_above = _cost_of(above, cs)
+        if cost_above > budget:
+            lo = b
+            continue
+        hi = b
+        idx = [
+            torch.nonzero(torch.ge(u, _round_to(a, u.dtype, up=True)).logical_xor_(g)).squeeze(1)
+            for u, g in zip(us, above, strict=True)
+        ]
+        cand_cost = [
+            torch.full((i.numel(),), c, dtype=torch.float64, device=i.device)
+            if isinstance(c, float)
+            else c[i].to(torch.float64)
+            for i, c in zip(idx, cs, strict=True)
+        ]
+        costs_c = torch.cat(cand_cost)
+        if cost_above + float(costs_c.sum()) < budget:
+            hi = a
+            continue
+        break
+    values_c = torch.cat([u[i].to(torch.float64) for u, i in zip(us, idx, strict=True)])
+    remaining = budget - cost_above
+    if values_c.numel() > _MAX_SORTED and a < b and depth < _MAX_DEPTH:
+        same = len({c for c in cs if isinstance(c, float)}) == 1 and all(
+            isinstance(c, float) for c in cs
+        )
+        sub_cost: Cost = float(cs[0]) if same else costs_c
+        sub_masks, threshold = _select([values_c], [sub_cost], remaining, None, depth + 1)
+        kept_c = sub_masks[0]
+    else:
+        order = torch.sort(values_c, descending=True, stable=True).indices
+        sorted_cost = costs_c[order]
+        fits = (torch.cumsum(sorted_cost, 0) - 0.5 * sorted_cost) <= remaining
+        n_keep = int(torch.cumprod(fits.to(torch.uint8), 0).sum()) if fits.numel() else 0
+        kept_c = torch.zeros_like(fits)
+        kept_c[order[:n_keep]] = True
+        threshold = float(values_c[order[n_keep - 1]]) if n_keep > 0 else math.inf
+    if math.isinf(threshold) and cost_above > 0:
+        # Nothing kept in the window: the last kept entry is the smallest one above it.
+        mins = [torch.where(g, u, math.inf).min().to(torch.float64)
+                for u, g in zip(us, above, strict=True) if u.numel() > 0]
+        threshold = float(torch.stack(mins).min())
+    masks = above
+    start = 0
+    for m, i in zip(masks, idx, strict=True):
+        n = i.numel()
+        if n:
+            m[i[kept_c[start:start + n]]] = True
+        start += n
+    return masks, threshold
