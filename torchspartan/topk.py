@@ -19,11 +19,13 @@ NeurIPS 2022, arXiv:2205.14107.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
 
+from torchspartan._select import _select
 from torchspartan._solver import safeguarded_newton
 
 __all__ = ["SoftTopK", "SoftTopKResult", "hard_topk", "soft_topk"]
@@ -61,18 +63,53 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = t[~torch.isfinite(t)].flatten()[:3].tolist()
+def _row_extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-problem minimum and maximum over the last dimension, float64, shape ``(*,)``."""
+    if t.dim() == 1:
+        lo, hi = torch.aminmax(t)
+    else:
+        lo, hi = torch.aminmax(t, dim=-1)
+    return lo.to(torch.float64), hi.to(torch.float64)
+
+
+def _check_extremes(
+    name: str, t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, positive: bool
+) -> None:
+    """Raise for NaN, Inf, negative (or, with ``positive``, non-positive) entries.
+
+    ``lo`` and ``hi`` are the minimum and maximum of ``t`` (NaN propagates into both), so one
+    read pass detects all three kinds of bad value.
+    """
+    if bool((torch.isnan(lo) | torch.isnan(hi)).any()):
         raise ValueError(
-            f"{name} must be finite, found {bad} (NaN or Inf) in a tensor of shape "
-            f"{tuple(t.shape)}; check the tensor that produced it"
+            f"{name} must be finite, found NaN in a tensor of shape {tuple(t.shape)}; "
+            f"check the tensor that produced it"
+        )
+    if bool((torch.isinf(lo) | torch.isinf(hi)).any()):
+        raise ValueError(
+            f"{name} must be finite, found Inf in a tensor of shape {tuple(t.shape)}; "
+            f"check the tensor that produced it"
+        )
+    smallest = float(lo.min())
+    if positive and smallest <= 0:
+        raise ValueError(
+            f"{name} must be > 0, found minimum {smallest:.6g}; give every entry a "
+            f"positive cost (use 1 for plain top-k)"
+        )
+    if not positive and smallest < 0:
+        raise ValueError(
+            f"{name} must be >= 0 (scores such as |theta|), found minimum {smallest:.6g}; "
+            f"pass {name}.abs() or shift the scores"
         )
 
 
 def _as_problem_tensor(
-    name: str, x: Budget, batch_shape: torch.Size, like: torch.Tensor
+    name: str, x: Budget | float, batch_shape: torch.Size, like: torch.Tensor
 ) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        _check_float(name, x)
+    elif isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got {x!r}")
     t = torch.as_tensor(x, dtype=torch.float64, device=like.device)
     try:
         return torch.broadcast_to(t, batch_shape).clone()
@@ -84,13 +121,25 @@ def _as_problem_tensor(
         ) from None
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """Validated arguments: costs broadcast to values (or None), per-problem tensors (*,)."""
+
+    costs: torch.Tensor | None
+    budget: torch.Tensor
+    beta: torch.Tensor | None
+    total: torch.Tensor
+    unit_min: torch.Tensor
+    unit_max: torch.Tensor
+
+
 def _validate(
     values: torch.Tensor,
     budget: Budget,
     costs: torch.Tensor | None,
     beta: Budget | None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Check every argument; return costs broadcast to values, budget (*,), beta (*,), sum(c)."""
+) -> _Checked:
+    """Check every argument in one read pass over ``values`` (and one over ``costs``)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     _check_float("values", values)
@@ -98,38 +147,42 @@ def _validate(
         raise ValueError(
             f"values must have shape (*, d) with d >= 1, got shape {tuple(values.shape)}"
         )
-    _check_finite("values", values)
-    if bool((values < 0).any()):
-        raise ValueError(
-            f"values must be >= 0 (scores such as |theta|), found minimum "
-            f"{values.min().item():.6g}; pass values.abs() or shift the scores"
-        )
+    if values.numel() == 0:
+        raise ValueError(f"values must not be empty, got shape {tuple(values.shape)}")
+    vmin, vmax = _row_extremes(values.detach())
+    _check_extremes("values", values, vmin, vmax, positive=False)
     batch = values.shape[:-1]
+    d = values.shape[-1]
     if costs is not None:
         if not isinstance(costs, torch.Tensor):
             raise TypeError(f"costs must be a torch.Tensor or None, got {type(costs).__name__}")
         _check_float("costs", costs)
+        if costs.device != values.device:
+            raise ValueError(
+                f"costs must be on the device of values ({values.device}), got {costs.device}"
+            )
         try:
-            costs = torch.broadcast_to(costs, values.shape)
+            costs_b = torch.broadcast_to(costs, values.shape)
         except RuntimeError:
             raise ValueError(
                 f"costs of shape {tuple(costs.shape)} does not broadcast to values of shape "
                 f"{tuple(values.shape)}"
             ) from None
-        _check_finite("costs", costs)
-        if bool((costs <= 0).any()):
-            raise ValueError(
-                f"costs must be > 0, found minimum {costs.min().item():.6g}; give every entry a "
-                f"positive cost (use 1 for plain top-k)"
-            )
-        total = costs.sum(-1, dtype=torch.float64)
+        if costs.numel() == 0:
+            raise ValueError("costs must not be empty")
+        cmin, cmax = torch.aminmax(costs.detach())
+        _check_extremes("costs", costs, cmin.reshape(1).double(), cmax.reshape(1).double(),
+                        positive=True)
+        total = costs_b.sum(-1, dtype=torch.float64)
+        unit_min = vmin / float(cmax)
+        unit_max = vmax / float(cmin)
     else:
-        total = torch.full(batch, float(values.shape[-1]), dtype=torch.float64,
-                           device=values.device)
-    if isinstance(budget, torch.Tensor):
-        _check_float("budget", budget)
+        costs_b = None
+        total = torch.full(batch, float(d), dtype=torch.float64, device=values.device)
+        unit_min, unit_max = vmin, vmax
     b = _as_problem_tensor("budget", budget, batch, values)
-    _check_finite("budget", b)
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError(f"budget must be finite, got {b.flatten()[:3].tolist()}")
     bad = (b <= 0) | (b >= total)
     if bool(bad.any()):
         i = int(bad.flatten().nonzero()[0])
@@ -140,15 +193,57 @@ def _validate(
         )
     beta_t = None
     if beta is not None:
-        if isinstance(beta, torch.Tensor):
-            _check_float("beta", beta)
         beta_t = _as_problem_tensor("beta", beta, batch, values)
-        if not bool((torch.isfinite(beta_t) & (beta_t > 0)).all()):
+        ok = torch.isfinite(beta_t) & (beta_t > 0)
+        if not bool(ok.all()):
             raise ValueError(
                 f"beta must be finite and > 0 (the sharpness; larger is closer to hard top-k), "
-                f"got {beta_t.flatten()[~(torch.isfinite(beta_t) & (beta_t > 0)).flatten()][0]}"
+                f"got {beta_t.flatten()[~ok.flatten()][0].item()}"
             )
-    return costs, b, beta_t, total
+    return _Checked(costs_b, b, beta_t, total, unit_min, unit_max)
+
+
+# Problems with at least this many entries get their cold start from a strided sample.
+_SAMPLE_SIZE = 1 << 14
+
+
+def _cold_start(
+    units: torch.Tensor,
+    costs: torch.Tensor | None,
+    budget: torch.Tensor,
+    beta: torch.Tensor,
+    total: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> torch.Tensor:
+    """Initial ``mu``: the root of the budget equation on a strided sample of every problem.
+
+    The sampled problem is cheap (``_SAMPLE_SIZE`` entries) and its root is within the sampling
+    error of the full root, so the full Newton iteration starts in its quadratic regime.
+    """
+    d = units.shape[-1]
+    x0 = 0.5 * (lo + hi)
+    if d < 4 * _SAMPLE_SIZE:
+        return x0
+    stride = d // _SAMPLE_SIZE
+    offset = stride // 2
+    z = units[..., offset::stride].to(torch.float64) * beta.unsqueeze(-1)
+    if costs is None:
+        c = None
+        target = budget * (z.shape[-1] / d)
+    else:
+        c = costs[..., offset::stride].to(torch.float64)
+        target = budget * (c.sum(-1) / total)
+
+    def evaluate(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.sigmoid(z + mu.unsqueeze(-1))
+        a = m * (1 - m)
+        if c is None:
+            return m.sum(-1) - target, a.sum(-1)
+        return (c * m).sum(-1) - target, (c * a).sum(-1)
+
+    mu, _, _ = safeguarded_newton(evaluate, x0, lo, hi, target, 1e-6, 60)
+    return mu
 
 
 def _solve_soft(
@@ -156,44 +251,56 @@ def _solve_soft(
     costs: torch.Tensor | None,
     budget: torch.Tensor,
     beta: torch.Tensor,
-    total: torch.Tensor,
     mu_init: torch.Tensor | None,
     tol: float,
     max_iter: int,
+    unit_range: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Forward solve in the compute dtype. Returns (mask, mu (*,), evaluations, rel. error)."""
+    """Forward solve in the compute dtype. Returns (mask, mu (*,), evaluations, rel. error).
+
+    Each evaluation of the budget residual is five passes with two preallocated buffers:
+    ``m = sigmoid(beta * u + mu)`` (two, in place), ``sum(c m)``, ``m - m^2`` and its sum. The
+    mask is the ``m`` of the last evaluation, so it costs no extra pass.
+    """
     cdt = _compute_dtype(values.dtype)
     v = values.to(cdt)
-    c = None if costs is None else costs.to(cdt)
-    z = (v if c is None else v / c) * beta.to(cdt).unsqueeze(-1)
-    zmax = z.amax(-1).double()
-    zmin = z.amin(-1).double()
+    d = v.shape[-1]
+    if costs is None:
+        c = None
+        units = v
+        total = torch.full_like(budget, float(d))
+    else:
+        c = torch.broadcast_to(costs.to(cdt), v.shape)
+        units = v / c
+        total = c.sum(-1, dtype=torch.float64)
+    if unit_range is None:
+        unit_range = _row_extremes(units)
+    zmin, zmax = unit_range[0] * beta, unit_range[1] * beta
+    # phi(mu) <= 0 when every beta*u + mu <= logit(B / total), >= 0 when every one is >= it.
     base = torch.logit(budget / total)
     lo, hi = base - zmax, base - zmin
     if mu_init is None:
-        mean_z = z.mean(-1, dtype=torch.float64)
-        x0 = base - mean_z
+        x0 = _cold_start(units, c, budget, beta, total, lo, hi)
     else:
-        x0 = torch.broadcast_to(torch.as_tensor(mu_init, dtype=torch.float64,
-                                                device=values.device), budget.shape)
+        x0 = torch.broadcast_to(mu_init.to(torch.float64), budget.shape)
     x0 = torch.minimum(torch.maximum(x0, lo), hi)
+    beta_c = beta.to(cdt).unsqueeze(-1)
+    m = torch.empty_like(v, dtype=cdt)
+    a = torch.empty_like(m)
 
     def evaluate(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = torch.sigmoid(z + mu.to(cdt).unsqueeze(-1))
-        a = m * (1 - m)
+        torch.addcmul(mu.to(cdt).unsqueeze(-1), units, beta_c, out=m)
+        m.sigmoid_()
         if c is None:
-            f = m.sum(-1, dtype=torch.float64) - budget
-            fp = a.sum(-1, dtype=torch.float64)
+            f = m.sum(-1).to(torch.float64) - budget
+            torch.addcmul(m, m, m, value=-1, out=a)
         else:
-            f = (c * m).sum(-1, dtype=torch.float64) - budget
-            fp = (c * a).sum(-1, dtype=torch.float64)
-        return f, fp
+            f = torch.mul(m, c, out=a).sum(-1).to(torch.float64) - budget
+            torch.addcmul(m, m, m, value=-1, out=a).mul_(c)
+        return f, a.sum(-1).to(torch.float64)
 
-    mu, f, evaluations = safeguarded_newton(
-        evaluate, x0, lo, hi, budget, tol, max_iter
-    )
-    mask = torch.sigmoid(z + mu.to(cdt).unsqueeze(-1))
-    return mask, mu, evaluations, (f.abs() / budget)
+    mu, f, evaluations = safeguarded_newton(evaluate, x0, lo, hi, budget, tol, max_iter)
+    return m, mu, evaluations, f.abs() / budget
 
 
 class SoftTopK(torch.autograd.Function):
@@ -206,11 +313,14 @@ class SoftTopK(torch.autograd.Function):
 
         S = sum_j c_j m_j (1 - m_j),   Lambda = sum_j g_j m_j (1 - m_j) / S,
         dL/dv_i = (beta / c_i) m_i (1 - m_i) (g_i - c_i Lambda).
+
+    An optional eighth argument ``(unit_min, unit_max)``, lower and upper bounds of ``v / c`` per
+    problem, saves the forward one pass (``soft_topk`` passes what validation measured).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         values: torch.Tensor,
         budget: torch.Tensor,
@@ -219,42 +329,42 @@ class SoftTopK(torch.autograd.Function):
         mu_init: torch.Tensor | None,
         tol: float,
         max_iter: int,
+        unit_range: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        total = (
-            costs.sum(-1, dtype=torch.float64)
-            if costs is not None
-            else torch.full_like(budget, float(values.shape[-1]))
-        )
         mask, mu, evaluations, error = _solve_soft(
-            values, costs, budget, beta, total, mu_init, tol, max_iter
+            values, costs, budget, beta, mu_init, tol, max_iter, unit_range
         )
         ctx.save_for_backward(mask, costs, beta)
         ctx.values_dtype = values.dtype
         iterations = torch.tensor(evaluations)
         ctx.mark_non_differentiable(mu, iterations, error)
-        return mask.to(values.dtype), mu, iterations, error
+        out = mask if mask.dtype == values.dtype else mask.to(values.dtype)
+        return out, mu, iterations, error
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_mask: torch.Tensor, *unused: Any
+    def backward(
+        ctx: Any, grad_mask: torch.Tensor | None, *unused: Any
     ) -> tuple[torch.Tensor | None, ...]:
         mask, costs, beta = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or grad_mask is None:
-            return (None,) * 7
+            return (None,) * 8
         g = grad_mask.to(mask.dtype)
-        a = mask * (1 - mask)
+        a = torch.addcmul(mask, mask, mask, value=-1)  # m (1 - m)
         b = beta.to(mask.dtype).unsqueeze(-1)
+        tiny = torch.finfo(mask.dtype).tiny
+        grad = g * a
+        lam_num = grad.sum(-1, keepdim=True)
         if costs is None:
             s = a.sum(-1, keepdim=True)
-            lam = (g * a).sum(-1, keepdim=True) / s.clamp_min(torch.finfo(s.dtype).tiny)
-            grad = b * a * (g - lam)
         else:
-            c = costs.to(mask.dtype)
+            c = torch.broadcast_to(costs.to(mask.dtype), mask.shape)
             s = (c * a).sum(-1, keepdim=True)
-            lam = (g * a).sum(-1, keepdim=True) / s.clamp_min(torch.finfo(s.dtype).tiny)
-            grad = b / c * a * (g - c * lam)
-        return grad.to(ctx.values_dtype), None, None, None, None, None, None
+            grad.div_(c)
+        lam = lam_num / s.clamp_min(tiny)
+        # beta * (g a / c - a Lambda)
+        grad.addcmul_(a, lam, value=-1).mul_(b)
+        return grad.to(ctx.values_dtype), None, None, None, None, None, None, None
 
 
 @overload
@@ -326,45 +436,37 @@ def soft_topk(
         >>> m.argsort(descending=True)[0, :2].tolist()
         [0, 2]
     """
+    if beta is None:
+        raise TypeError("beta must be a number or a floating-point tensor, got None")
+    checked = _validate(values, budget, costs, beta)
+    assert checked.beta is not None
     if tol is None:
         tol = 1e-10 if values.dtype == torch.float64 else 1e-6
-    if not (isinstance(max_iter, int) and max_iter >= 1):
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if not (tol > 0):
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    costs_b, b, beta_t, _ = _validate(values, budget, costs, beta)
-    assert beta_t is not None
-    mu0 = None if mu_init is None else torch.as_tensor(mu_init, dtype=torch.float64)
-    if mu0 is not None:
-        mu0 = mu0.to(values.device)
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    mu0 = None
+    if mu_init is not None:
+        mu0 = _as_problem_tensor("mu_init", mu_init, values.shape[:-1], values)
+        if not bool(torch.isfinite(mu0).all()):
+            raise ValueError(
+                f"mu_init must be finite, got {mu0.flatten()[:3].tolist()}; pass the mu of a "
+                f"previous SoftTopKResult"
+            )
+    unit_range = (checked.unit_min, checked.unit_max)
     mask, mu, iterations, error = SoftTopK.apply(
-        values, b, beta_t, costs_b, mu0, float(tol), max_iter
+        values, checked.budget, checked.beta, checked.costs, mu0, float(tol), max_iter,
+        unit_range,
     )
     if return_result:
         return SoftTopKResult(mask, mu, int(iterations), error)
     return mask
 
 
-def _hard_topk_unit(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep the ``k`` (per row) largest entries of each row, ties by lower index; no sort."""
-    d = values.shape[-1]
-    rows = values.reshape(-1, d)
-    ks = k.reshape(-1)
-    out = torch.zeros(rows.shape, dtype=torch.bool, device=values.device)
-    for kk in torch.unique(ks).tolist():
-        sel = (ks == kk).nonzero().squeeze(-1)
-        if kk <= 0:
-            continue
-        if kk >= d:
-            out[sel] = True
-            continue
-        x = rows[sel]
-        thr = x.kthvalue(d - int(kk) + 1, dim=-1, keepdim=True).values
-        greater = x > thr
-        need = kk - greater.sum(-1, keepdim=True)
-        equal = x == thr
-        out[sel] = greater | (equal & (equal.cumsum(-1) <= need))
-    return out.reshape(values.shape)
+# Rows at least this long are selected one by one without sorting; shorter rows are sorted in
+# one batched call (cheaper for many short rows, e.g. N:M groups).
+_SELECT_MIN_LENGTH = 1 << 12
 
 
 def hard_topk(
@@ -373,8 +475,13 @@ def hard_topk(
     """Hard top-k with costs: the greedy fractional-knapsack mask, rounded to whole entries.
 
     Entries are taken by decreasing unit value ``v_i / c_i`` (ties: lower index first); an entry
-    is kept while at least half of its cost still fits in the budget ``B``. With unit costs that
-    keeps exactly ``floor(B + 0.5)`` entries per problem and needs no sort (a selection).
+    is kept while at least half of its cost still fits in the budget ``B``::
+
+        keep i  <=>  sum of c_j over the entries j before i  +  c_i / 2  <=  B.
+
+    With unit costs that keeps exactly ``floor(B + 0.5)`` entries per problem. Long rows are
+    handled by selection (a sampled window verified by exact comparisons), not by a sort, so the
+    cost is a few passes over ``values``.
 
     Args:
         values: scores ``v >= 0`` of shape ``(*, d)``.
@@ -391,15 +498,40 @@ def hard_topk(
         >>> import torch, torchspartan as ts
         >>> ts.hard_topk(torch.tensor([3.0, 1.0, 2.0, 0.5]), budget=2).tolist()
         [True, False, True, False]
+        >>> ts.hard_topk(torch.tensor([3.0, 1.0, 2.0]), budget=2.5,
+        ...              costs=torch.tensor([2.0, 1.0, 1.0])).tolist()
+        [True, False, True]
     """
-    costs_b, b, _, _ = _validate(values, budget, costs, None)
-    if costs_b is None:
-        k = torch.floor(b + 0.5).long()
-        return _hard_topk_unit(values, k)
+    checked = _validate(values, budget, costs, None)
+    d = values.shape[-1]
+    rows = values.reshape(-1, d)
+    budgets = checked.budget.reshape(-1)
+    cost_rows = None if checked.costs is None else checked.costs.reshape(-1, d)
+    if rows.shape[0] == 1 and cost_rows is None:
+        masks, _ = _select([rows[0]], [1.0], float(budgets[0]), None)
+        return masks[0].view(values.shape)
+    if d >= _SELECT_MIN_LENGTH or rows.shape[0] == 1:
+        out = torch.empty(rows.shape, dtype=torch.bool, device=values.device)
+        for r, b in enumerate(budgets.tolist()):
+            if cost_rows is None:
+                masks, _ = _select([rows[r]], [1.0], b, None)
+            else:
+                c = cost_rows[r].to(torch.float64)
+                masks, _ = _select([rows[r].to(torch.float64) / c], [c], b, None)
+            out[r] = masks[0]
+        return out.view(values.shape)
     cdt = torch.float64
-    u = values.to(cdt) / costs_b.to(cdt)
+    if cost_rows is None:
+        u = rows
+    else:
+        u = rows.to(cdt) / cost_rows.to(cdt)
     order = torch.sort(u, dim=-1, descending=True, stable=True).indices
-    c_sorted = torch.gather(costs_b.to(cdt), -1, order)
-    keep_sorted = (c_sorted.cumsum(-1) - 0.5 * c_sorted) <= b.unsqueeze(-1)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
+    if cost_rows is None:
+        position = torch.arange(1, d + 1, dtype=cdt, device=values.device)
+        keep_sorted = (position - 0.5) <= budgets.unsqueeze(-1)
+        keep_sorted = keep_sorted.expand(rows.shape)
+    else:
+        c_sorted = torch.gather(cost_rows.to(cdt), -1, order)
+        keep_sorted = (c_sorted.cumsum(-1) - 0.5 * c_sorted) <= budgets.unsqueeze(-1)
+    out = torch.zeros(rows.shape, dtype=torch.bool, device=values.device)
+    return out.scatter_(-1, order, keep_sorted).view(values.shape)
