@@ -254,7 +254,7 @@ def test_soft_matches_reference_on_sampled_cold_start_path(monkeypatch: pytest.M
         total = d if costs is None else costs.sum(-1)
         budget = torch.as_tensor(0.1 * total, dtype=torch.float64) * torch.ones(2)
         r = ts.soft_topk(v, budget, 3.0, costs, return_result=True)
-        assert r.iterations <= 5
+        assert r.iterations <= 8
         torch.testing.assert_close(r.mask, soft_reference(v, budget, 3.0, costs).detach(),
                                    rtol=0, atol=1e-9)
 
