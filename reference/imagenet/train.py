@@ -94,101 +94,184 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spartan sparse training on ImageNet (torchrun, DDP, AMP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="a named recipe (reference/imagenet/presets.py); flags override it")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="a named recipe (reference/imagenet/presets.py); flags override it",
+    )
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", default=None,
-                   help="ImageNet root with train/ and val/ ImageFolder directories")
-    g.add_argument("--synthetic", action="store_true",
-                   help="torchvision FakeData instead of ImageNet (smoke tests)")
+    g.add_argument(
+        "--data-path",
+        default=None,
+        help="ImageNet root with train/ and val/ ImageFolder directories",
+    )
+    g.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="torchvision FakeData instead of ImageNet (smoke tests)",
+    )
     g.add_argument("--synthetic-train-size", type=int, default=256)
     g.add_argument("--synthetic-val-size", type=int, default=64)
     g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--image-size", type=int, default=224, help="training crop and eval crop")
-    g.add_argument("--val-resize", type=int, default=None,
-                   help="eval resize before the center crop (default image_size * 256 / 224)")
+    g.add_argument(
+        "--val-resize",
+        type=int,
+        default=None,
+        help="eval resize before the center crop (default image_size * 256 / 224)",
+    )
     g.add_argument("--workers", type=int, default=8, help="data loading processes per rank")
-    g.add_argument("--auto-augment", default="none", choices=("none", "ra"),
-                   help="'ra': RandAugment (2 ops, magnitude --ra-magnitude)")
+    g.add_argument(
+        "--auto-augment",
+        default="none",
+        choices=("none", "ra"),
+        help="'ra': RandAugment (2 ops, magnitude --ra-magnitude)",
+    )
     g.add_argument("--ra-magnitude", type=int, default=9)
     g.add_argument("--random-erase", type=float, default=0.0, help="RandomErasing probability")
     g.add_argument("--mixup-alpha", type=float, default=0.0)
     g.add_argument("--cutmix-alpha", type=float, default=0.0)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet50",
-                   help="a torchvision.models name (resnet50, vit_b_16, resnet18, ...) or "
-                        "'vit_tiny' (2 layers, width 32; for tests)")
+    g.add_argument(
+        "--model",
+        default="resnet50",
+        help="a torchvision.models name (resnet50, vit_b_16, resnet18, ...) or "
+        "'vit_tiny' (2 layers, width 32; for tests)",
+    )
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--batch-size", type=int, default=32, help="images per process per step")
-    g.add_argument("--accum-steps", type=int, default=1,
-                   help="micro-batches per optimizer step (global batch = batch_size * "
-                        "world_size * accum_steps)")
+    g.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (global batch = batch_size * "
+        "world_size * accum_steps)",
+    )
     g.add_argument("--opt", default="sgd", choices=("sgd", "adamw"))
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate at --lr-ref-batch")
-    g.add_argument("--lr-ref-batch", type=int, default=256,
-                   help="global batch at which --lr holds; the peak lr is scaled linearly to the "
-                        "actual global batch (0: use --lr as is)")
+    g.add_argument(
+        "--lr-ref-batch",
+        type=int,
+        default=256,
+        help="global batch at which --lr holds; the peak lr is scaled linearly to the "
+        "actual global batch (0: use --lr as is)",
+    )
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--weight-decay", type=float, default=1e-4,
-                   help="on weights only; biases and normalisation parameters get none")
-    g.add_argument("--warmup-epochs", type=float, default=5.0,
-                   help="linear warm-up length (per step), then cosine decay to 0")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        help="on weights only; biases and normalisation parameters get none",
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=5.0,
+        help="linear warm-up length (per step), then cosine decay to 0",
+    )
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--clip-grad-norm", type=float, default=0.0, help="0 disables")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="automatic mixed precision (autocast)")
-    g.add_argument("--amp-dtype", default="bf16", choices=("bf16", "fp16"),
-                   help="fp16 adds a GradScaler")
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="automatic mixed precision (autocast)",
+    )
+    g.add_argument(
+        "--amp-dtype", default="bf16", choices=("bf16", "fp16"), help="fp16 adds a GradScaler"
+    )
 
     g = p.add_argument_group("sparsity (torchspartan)")
     g.add_argument("--method", default="spartan", choices=("dense", "spartan", "topkast", "gmp"))
     g.add_argument("--sparsity", type=float, default=0.9)
-    g.add_argument("--sparsity-of", default="model", choices=("model", "masked"),
-                   help="count the sparsity over all parameters (paper) or the masked ones")
+    g.add_argument(
+        "--sparsity-of",
+        default="model",
+        choices=("model", "masked"),
+        help="count the sparsity over all parameters (paper) or the masked ones",
+    )
     g.add_argument("--policy", default="global", choices=("global", "uniform", "erk"))
-    g.add_argument("--block", type=_block, default=None,
-                   help="block shape on the weights' first two dims, e.g. 16x16 ('none': "
-                        "unstructured)")
+    g.add_argument(
+        "--block",
+        type=_block,
+        default=None,
+        help="block shape on the weights' first two dims, e.g. 16x16 ('none': unstructured)",
+    )
     g.add_argument("--beta-target", type=float, default=10.0)
     g.add_argument("--anneal-fraction", type=float, default=0.2)
     g.add_argument("--finetune-fraction", type=float, default=0.2)
-    g.add_argument("--mask-types", default="conv,linear",
-                   help="comma list of layer kinds to mask: conv, linear, mha")
-    g.add_argument("--mask-names", default=None,
-                   help="regex a masked layer's qualified name must match (re.search)")
-    g.add_argument("--mask-exclude", action="append", default=[],
-                   help="regex of layer names to leave dense (repeatable)")
+    g.add_argument(
+        "--mask-types",
+        default="conv,linear",
+        help="comma list of layer kinds to mask: conv, linear, mha",
+    )
+    g.add_argument(
+        "--mask-names",
+        default=None,
+        help="regex a masked layer's qualified name must match (re.search)",
+    )
+    g.add_argument(
+        "--mask-exclude",
+        action="append",
+        default=[],
+        help="regex of layer names to leave dense (repeatable)",
+    )
 
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/imagenet")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to resume from, or 'auto' (OUTPUT_DIR/checkpoint.pt if any)")
-    g.add_argument("--checkpoint-every", type=int, default=1,
-                   help="checkpoint every N epochs (and after the last one); 0: only the last")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="also keep checkpoint_epochNNN.pt for every checkpoint")
+    g.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to resume from, or 'auto' (OUTPUT_DIR/checkpoint.pt if any)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="checkpoint every N epochs (and after the last one); 0: only the last",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="also keep checkpoint_epochNNN.pt for every checkpoint",
+    )
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and last)")
-    g.add_argument("--max-steps-per-epoch", type=int, default=0,
-                   help="cap optimizer steps per epoch (smoke tests); 0: the whole epoch")
-    g.add_argument("--stop-after-epoch", type=int, default=0,
-                   help="exit after this epoch's checkpoint as if preempted (resume tests)")
-    g.add_argument("--check-masks-identical", action="store_true",
-                   help="compare the mask hashes of all ranks after every optimizer step "
-                        "(always done at checkpoints and at the end)")
+    g.add_argument(
+        "--max-steps-per-epoch",
+        type=int,
+        default=0,
+        help="cap optimizer steps per epoch (smoke tests); 0: the whole epoch",
+    )
+    g.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=0,
+        help="exit after this epoch's checkpoint as if preempted (resume tests)",
+    )
+    g.add_argument(
+        "--check-masks-identical",
+        action="store_true",
+        help="compare the mask hashes of all ranks after every optimizer step "
+        "(always done at checkpoints and at the end)",
+    )
     g.add_argument("--print-freq", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"))
-    g.add_argument("--result-json", default=None,
-                   help="write the final metrics here (default OUTPUT_DIR/result.json)")
+    g.add_argument(
+        "--result-json",
+        default=None,
+        help="write the final metrics here (default OUTPUT_DIR/result.json)",
+    )
     return p
 
 
@@ -204,8 +287,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.list_presets and not args.synthetic and args.data_path is None:
         parser.error("give --data-path (ImageNet with train/ and val/) or --synthetic")
     if args.method != "dense" and not (0.0 < args.sparsity < 1.0):
-        parser.error(f"--sparsity must be in (0, 1) for method {args.method!r}, got "
-                     f"{args.sparsity}")
+        parser.error(
+            f"--sparsity must be in (0, 1) for method {args.method!r}, got {args.sparsity}"
+        )
     if args.accum_steps < 1:
         parser.error(f"--accum-steps must be >= 1, got {args.accum_steps}")
     for kind in args.mask_types.split(","):
@@ -246,10 +330,14 @@ def init_distributed(args: argparse.Namespace) -> DistInfo:
         device = torch.device("cpu")
         torch.set_flush_denormal(True)
     if world > 1:
-        backend = args.dist_backend if args.dist_backend != "auto" else (
-            "nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if backend == "nccl" else None)
+        backend = (
+            args.dist_backend if args.dist_backend != "auto" else ("nccl" if use_cuda else "gloo")
+        )
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if backend == "nccl" else None,
+        )
     return DistInfo(rank, world, local_rank, device)
 
 
@@ -274,21 +362,26 @@ def train_transform(args: argparse.Namespace) -> v2.Compose:
     ]
     if args.auto_augment == "ra":
         ops.append(v2.RandAugment(num_ops=2, magnitude=args.ra_magnitude))
-    ops += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    ops += [
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
     if args.random_erase > 0:
         ops.append(v2.RandomErasing(p=args.random_erase))
     return v2.Compose(ops)
 
 
 def eval_transform(args: argparse.Namespace) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize(args.val_resize, antialias=True),
-        v2.CenterCrop(args.image_size),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(args.val_resize, antialias=True),
+            v2.CenterCrop(args.image_size),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Dataset[Any], Dataset[Any]]:
@@ -298,17 +391,24 @@ def build_datasets(args: argparse.Namespace) -> tuple[Dataset[Any], Dataset[Any]
         side = args.val_resize
         size = (3, side, side)
         train = torchvision.datasets.FakeData(
-            args.synthetic_train_size, size, args.num_classes, train_transform(args))
+            args.synthetic_train_size, size, args.num_classes, train_transform(args)
+        )
         val = torchvision.datasets.FakeData(
-            args.synthetic_val_size, size, args.num_classes, eval_transform(args),
-            random_offset=args.synthetic_train_size)
+            args.synthetic_val_size,
+            size,
+            args.num_classes,
+            eval_transform(args),
+            random_offset=args.synthetic_train_size,
+        )
         return train, val
     root = Path(args.data_path)
     train = torchvision.datasets.ImageFolder(str(root / "train"), train_transform(args))
     val = torchvision.datasets.ImageFolder(str(root / "val"), eval_transform(args))
     if len(train.classes) != args.num_classes:
-        raise ValueError(f"{root / 'train'} has {len(train.classes)} classes but --num-classes is "
-                         f"{args.num_classes}; pass --num-classes {len(train.classes)}")
+        raise ValueError(
+            f"{root / 'train'} has {len(train.classes)} classes but --num-classes is "
+            f"{args.num_classes}; pass --num-classes {len(train.classes)}"
+        )
     return train, val
 
 
@@ -335,18 +435,34 @@ def build_loaders(
     args: argparse.Namespace, info: DistInfo, train: Dataset[Any], val: Dataset[Any]
 ) -> tuple[DataLoader[Any], DistributedSampler[Any], DataLoader[Any]]:
     # One sampler for one process too: its order depends only on (seed, epoch).
-    sampler = DistributedSampler(train, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    collate = (MixupCutmixCollate(args.mixup_alpha, args.cutmix_alpha, args.num_classes)
-               if args.mixup_alpha > 0 or args.cutmix_alpha > 0 else None)
+    sampler = DistributedSampler(
+        train,
+        num_replicas=info.world_size,
+        rank=info.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
+    collate = (
+        MixupCutmixCollate(args.mixup_alpha, args.cutmix_alpha, args.num_classes)
+        if args.mixup_alpha > 0 or args.cutmix_alpha > 0
+        else None
+    )
     pin = info.device.type == "cuda"
-    train_loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler,
-                              num_workers=args.workers, pin_memory=pin, drop_last=True,
-                              collate_fn=collate)
+    train_loader = DataLoader(
+        train,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=pin,
+        drop_last=True,
+        collate_fn=collate,
+    )
     # Evaluation sees every image exactly once: rank r takes images r, r + world, ...
     shard = Subset(val, range(info.rank, len(val), info.world_size))  # type: ignore[arg-type]
-    val_loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False,
-                            num_workers=args.workers, pin_memory=pin)
+    val_loader = DataLoader(
+        shard, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, pin_memory=pin
+    )
     return train_loader, sampler, val_loader
 
 
@@ -356,8 +472,14 @@ def build_loaders(
 def build_model(args: argparse.Namespace) -> nn.Module:
     if args.model == "vit_tiny":
         return torchvision.models.VisionTransformer(
-            image_size=args.image_size, patch_size=args.image_size // 4, num_layers=2,
-            num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=args.num_classes)
+            image_size=args.image_size,
+            patch_size=args.image_size // 4,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=args.num_classes,
+        )
     kwargs: dict[str, Any] = {"weights": None, "num_classes": args.num_classes}
     if args.model.startswith("vit_"):
         kwargs["image_size"] = args.image_size
@@ -367,8 +489,14 @@ def build_model(args: argparse.Namespace) -> nn.Module:
 def register_masks(model: nn.Module, args: argparse.Namespace) -> list[str]:
     """``ts.sparsify`` on the layers the flags choose; returns the masked tensors' names."""
     include = tuple(t for kind in args.mask_types.split(",") for t in MASK_TYPES[kind])
-    return ts.sparsify(model, include, names=args.mask_names, exclude=args.mask_exclude,
-                       method=args.method, block=args.block)
+    return ts.sparsify(
+        model,
+        include,
+        names=args.mask_names,
+        exclude=args.mask_exclude,
+        method=args.method,
+        block=args.block,
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -387,8 +515,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
                 no_decay.append(param)
             else:
                 decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
@@ -400,11 +530,13 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> to
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR factor per optimizer step: linear warm-up from 1/warmup to 1, then cosine to 0."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -441,15 +573,16 @@ def digest(obj: Any) -> str:
 
 def mask_digest(model: nn.Module) -> str:
     """Hash of every mask buffer (hard mask, soft threshold, beta) of the model."""
-    return digest({
-        name: buf for name, buf in model.named_buffers()
-        if ".parametrizations." in name and name.endswith(MASK_BUFFERS)
-    })
+    return digest(
+        {
+            name: buf
+            for name, buf in model.named_buffers()
+            if ".parametrizations." in name and name.endswith(MASK_BUFFERS)
+        }
+    )
 
 
-def check_identical_across_ranks(
-    info: DistInfo, what: str, value: str, where: str
-) -> list[str]:
+def check_identical_across_ranks(info: DistInfo, what: str, value: str, where: str) -> list[str]:
     """All-gather ``value`` (a hash) and raise if any rank's differs."""
     if not info.distributed:
         return [value]
@@ -457,8 +590,10 @@ def check_identical_across_ranks(
     dist.all_gather_object(values, value)
     if len(set(values)) != 1:
         table = ", ".join(f"rank {r}: {v[:12]}" for r, v in enumerate(values))
-        raise RuntimeError(f"{what} differ across ranks {where} ({table}); the replicas have "
-                           f"diverged, stop and check determinism of the mask update")
+        raise RuntimeError(
+            f"{what} differ across ranks {where} ({table}); the replicas have "
+            f"diverged, stop and check determinism of the mask update"
+        )
     return values
 
 
@@ -536,8 +671,9 @@ class Trainer:
     def check_masks(self, where: str) -> None:
         if self.args.method == "dense":
             return
-        self.last_mask_hashes = tuple(check_identical_across_ranks(
-            self.info, "masks", mask_digest(self.unwrapped), where))
+        self.last_mask_hashes = tuple(
+            check_identical_across_ranks(self.info, "masks", mask_digest(self.unwrapped), where)
+        )
         self.mask_checks += 1
 
     def train_one_epoch(self, epoch: int, loader: DataLoader[Any]) -> float:
@@ -552,8 +688,11 @@ class Trainer:
             for micro in range(args.accum_steps):
                 images, target = self.to_device(*next(batches))
                 last = micro == args.accum_steps - 1
-                sync = (self.model.no_sync()  # type: ignore[operator]
-                        if info.distributed and not last else contextlib.nullcontext())
+                sync = (
+                    self.model.no_sync()  # type: ignore[operator]
+                    if info.distributed and not last
+                    else contextlib.nullcontext()
+                )
                 with sync:
                     with self.autocast():
                         loss = self.criterion(self.model(images), target) / args.accum_steps
@@ -578,16 +717,21 @@ class Trainer:
                 self.check_masks(f"after step {self.global_step}")
             if info.main and (i % args.print_freq == 0 or i == self.steps_per_epoch - 1):
                 rate = seen * info.world_size / (time.perf_counter() - start)
-                msg = (f"epoch {epoch} step {i + 1}/{self.steps_per_epoch} "
-                       f"(global {self.global_step}) loss {float(loss_sum) / (i + 1):.4f} "
-                       f"lr {self.optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s")
+                msg = (
+                    f"epoch {epoch} step {i + 1}/{self.steps_per_epoch} "
+                    f"(global {self.global_step}) loss {float(loss_sum) / (i + 1):.4f} "
+                    f"lr {self.optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s"
+                )
                 rec = getattr(self.optimizer, "last_record", None)
                 if rec is not None:
-                    msg += (f" density {rec.density:.4f} beta {rec.beta:.2f} "
-                            f"mask_change {rec.mask_change:.2e}{' frozen' if rec.frozen else ''}")
+                    msg += (
+                        f" density {rec.density:.4f} beta {rec.beta:.2f} "
+                        f"mask_change {rec.mask_change:.2e}{' frozen' if rec.frozen else ''}"
+                    )
                 print(msg, flush=True)
-        stats = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(self.steps_per_epoch)]),
-                               info)
+        stats = all_reduce_sum(
+            torch.stack([loss_sum, loss_sum.new_tensor(self.steps_per_epoch)]), info
+        )
         return float(stats[0] / stats[1])
 
     @torch.no_grad()
@@ -610,19 +754,25 @@ class Trainer:
             sums[3] += target.numel()
         sums = all_reduce_sum(sums, self.info)
         n = max(float(sums[3]), 1.0)
-        return {"loss": float(sums[0]) / n, "acc1": 100 * float(sums[1]) / n,
-                "acc5": 100 * float(sums[2]) / n, "images": int(sums[3])}
+        return {
+            "loss": float(sums[0]) / n,
+            "acc1": 100 * float(sums[1]) / n,
+            "acc5": 100 * float(sums[2]) / n,
+            "images": int(sums[3]),
+        }
 
     def state_digest(self) -> str:
-        return digest({"model": self.unwrapped.state_dict(),
-                       "optimizer": self.optimizer.state_dict()})
+        return digest(
+            {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
 
     def save_checkpoint(self, epoch: int, out: Path) -> None:
         """All ranks: compare masks and weights; rank 0 writes. ``epoch`` = epochs completed."""
         self.check_masks(f"at the checkpoint after epoch {epoch}")
         weights = digest({n: p for n, p in self.unwrapped.named_parameters()})
-        check_identical_across_ranks(self.info, "weights", weights,
-                                     f"at the checkpoint after epoch {epoch}")
+        check_identical_across_ranks(
+            self.info, "weights", weights, f"at the checkpoint after epoch {epoch}"
+        )
         rng = [rng_state(self.info)]
         if self.info.distributed:
             rng = [None] * self.info.world_size
@@ -642,8 +792,10 @@ class Trainer:
             save_atomically(ckpt, out / "checkpoint.pt")
             if self.args.keep_checkpoints:
                 save_atomically(ckpt, out / f"checkpoint_epoch{epoch:03d}.pt")
-            print(f"saved {out / 'checkpoint.pt'} (epoch {epoch}, step {self.global_step})",
-                  flush=True)
+            print(
+                f"saved {out / 'checkpoint.pt'} (epoch {epoch}, step {self.global_step})",
+                flush=True,
+            )
         if self.info.distributed:
             dist.barrier()
 
@@ -652,6 +804,13 @@ class Trainer:
         ckpt = torch.load(path, map_location=self.info.device, weights_only=False)
         self.unwrapped.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        base = getattr(self.optimizer, "optimizer", None)
+        if base is not None and self.optimizer.param_groups is not base.param_groups:
+            # Workaround: torch's Optimizer.load_state_dict rebinds the base optimizer's
+            # param_groups/state to new objects, and DualAveraging.load_state_dict does not
+            # re-share them, so the LR scheduler would stop reaching the base optimizer.
+            self.optimizer.param_groups = base.param_groups
+            self.optimizer.state = base.state
         self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -663,8 +822,11 @@ class Trainer:
                 state["cuda"] = state["cuda"].cpu()
             set_rng_state(state, self.info)
         else:
-            log(self.info, f"warning: checkpoint from {ckpt['world_size']} ranks, now "
-                           f"{self.info.world_size}; RNG streams reseeded (not bitwise resume)")
+            log(
+                self.info,
+                f"warning: checkpoint from {ckpt['world_size']} ranks, now "
+                f"{self.info.world_size}; RNG streams reseeded (not bitwise resume)",
+            )
             seed_everything(self.args.seed + 7919 * (self.info.rank + 1) + ckpt["epoch"])
         log(self.info, f"resumed from {path}: epoch {ckpt['epoch']}, step {self.global_step}")
         return int(ckpt["epoch"])
@@ -693,8 +855,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unwrapped = model
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            forward_sync_buffers=False)
+            model,
+            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
 
     train_set, val_set = build_datasets(args)
     train_loader, sampler, val_loader = build_loaders(args, info, train_set, val_set)
@@ -702,8 +866,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has no optimizer step: {len(train_loader)} batches per rank "
-                         f"for accum_steps={args.accum_steps}; lower --batch-size")
+        raise ValueError(
+            f"an epoch has no optimizer step: {len(train_loader)} batches per rank "
+            f"for accum_steps={args.accum_steps}; lower --batch-size"
+        )
     total_steps = steps_per_epoch * args.epochs
     global_batch = args.batch_size * info.world_size * args.accum_steps
     lr = args.lr * global_batch / args.lr_ref_batch if args.lr_ref_batch > 0 else args.lr
@@ -713,20 +879,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.method != "dense":
         policy = {"global": ts.Global, "uniform": ts.Uniform, "erk": ts.ERK}[args.policy]()
         optimizer = ts.DualAveraging(
-            base, unwrapped, sparsity=args.sparsity, total_steps=total_steps, policy=policy,
-            beta_target=args.beta_target, sparsity_of=args.sparsity_of,
-            anneal_fraction=args.anneal_fraction, finetune_fraction=args.finetune_fraction)
+            base,
+            unwrapped,
+            sparsity=args.sparsity,
+            total_steps=total_steps,
+            policy=policy,
+            beta_target=args.beta_target,
+            sparsity_of=args.sparsity_of,
+            anneal_fraction=args.anneal_fraction,
+            finetune_fraction=args.finetune_fraction,
+        )
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
-    scaler = (torch.amp.GradScaler(info.device.type)
-              if args.amp and args.amp_dtype == "fp16" else None)
-    trainer = Trainer(args, info, model, unwrapped, optimizer, scheduler, scaler,
-                      nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), steps_per_epoch)
+    scaler = (
+        torch.amp.GradScaler(info.device.type) if args.amp and args.amp_dtype == "fp16" else None
+    )
+    trainer = Trainer(
+        args,
+        info,
+        model,
+        unwrapped,
+        optimizer,
+        scheduler,
+        scaler,
+        nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+        steps_per_epoch,
+    )
 
     n_params = sum(p.numel() for p in unwrapped.parameters())
-    log(info, f"{args.model}: {n_params} parameters, {len(masked)} masked tensors, method "
-              f"{args.method}, world {info.world_size}, global batch {global_batch}, peak lr "
-              f"{lr:.4g}, {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps}")
+    log(
+        info,
+        f"{args.model}: {n_params} parameters, {len(masked)} masked tensors, method "
+        f"{args.method}, world {info.world_size}, global batch {global_batch}, peak lr "
+        f"{lr:.4g}, {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps}",
+    )
 
     start_epoch = 0
     resume = args.resume
@@ -748,18 +934,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(info, f"epoch {epoch} train loss {train_loss:.4f} ({time.perf_counter() - t0:.1f} s)")
         if (args.eval_every > 0 and done % args.eval_every == 0) or done == args.epochs:
             metrics = trainer.evaluate(val_loader)
-            log(info, f"epoch {epoch} eval acc1 {metrics['acc1']:.3f} acc5 {metrics['acc5']:.3f}"
-                      f" loss {metrics['loss']:.4f}")
+            log(
+                info,
+                f"epoch {epoch} eval acc1 {metrics['acc1']:.3f} acc5 {metrics['acc5']:.3f}"
+                f" loss {metrics['loss']:.4f}",
+            )
         else:
             average_norm_statistics(unwrapped, info)
-        if (args.checkpoint_every > 0 and done % args.checkpoint_every == 0) \
-                or done == args.epochs or done == args.stop_after_epoch:
+        if (
+            (args.checkpoint_every > 0 and done % args.checkpoint_every == 0)
+            or done == args.epochs
+            or done == args.stop_after_epoch
+        ):
             trainer.save_checkpoint(done, out)
         if done == args.stop_after_epoch and done < args.epochs:
             log(info, f"stopping after epoch {done} (--stop-after-epoch)")
-            result = {"stopped_after_epoch": done, "global_step": trainer.global_step,
-                      "train_loss": train_loss, "mask_checks": trainer.mask_checks,
-                      "mask_hashes": list(trainer.last_mask_hashes)}
+            result = {
+                "stopped_after_epoch": done,
+                "global_step": trainer.global_step,
+                "train_loss": train_loss,
+                "mask_checks": trainer.mask_checks,
+                "mask_hashes": list(trainer.last_mask_hashes),
+            }
             _finish(info, args, out, result)
             return result
 
@@ -767,25 +963,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.check_masks("at the end of training")
     state_digest = trainer.state_digest()
     result: dict[str, Any] = {
-        "epochs": args.epochs, "global_step": trainer.global_step, "train_loss": train_loss,
-        "acc1_before_finalize": metrics.get("acc1"), "state_digest": state_digest,
-        "mask_checks": trainer.mask_checks, "mask_hashes": list(trainer.last_mask_hashes),
-        "world_size": info.world_size, "masked_tensors": len(masked),
+        "epochs": args.epochs,
+        "global_step": trainer.global_step,
+        "train_loss": train_loss,
+        "acc1_before_finalize": metrics.get("acc1"),
+        "state_digest": state_digest,
+        "mask_checks": trainer.mask_checks,
+        "mask_hashes": list(trainer.last_mask_hashes),
+        "world_size": info.world_size,
+        "masked_tensors": len(masked),
     }
     if args.method != "dense":
         ts.finalize(unwrapped)
         metrics = trainer.evaluate(val_loader)
     report = ts.sparsity_report(unwrapped)
-    result.update(acc1=metrics["acc1"], acc5=metrics["acc5"], eval_loss=metrics["loss"],
-                  sparsity=report.overall_sparsity, weight_sparsity=report.masked_sparsity,
-                  final_model_digest=digest(unwrapped.state_dict()))
+    result.update(
+        acc1=metrics["acc1"],
+        acc5=metrics["acc5"],
+        eval_loss=metrics["loss"],
+        sparsity=report.overall_sparsity,
+        weight_sparsity=report.masked_sparsity,
+        final_model_digest=digest(unwrapped.state_dict()),
+    )
     log(info, str(report))
-    log(info, f"final: top-1 {metrics['acc1']:.3f} top-5 {metrics['acc5']:.3f}, sparsity "
-              f"{report.overall_sparsity:.4f} of all parameters ({report.masked_sparsity:.4f} "
-              f"of the weights)")
+    log(
+        info,
+        f"final: top-1 {metrics['acc1']:.3f} top-5 {metrics['acc5']:.3f}, sparsity "
+        f"{report.overall_sparsity:.4f} of all parameters ({report.masked_sparsity:.4f} "
+        f"of the weights)",
+    )
     if info.main:
-        torch.save({"model": unwrapped.state_dict(), "args": vars(args), "metrics": result},
-                   out / "model_final.pt")
+        torch.save(
+            {"model": unwrapped.state_dict(), "args": vars(args), "metrics": result},
+            out / "model_final.pt",
+        )
         (out / "sparsity_report.txt").write_text(str(report) + "\n")
     _finish(info, args, out, result)
     return result
