@@ -1,0 +1,453 @@
+"""Compare sparse training methods on Fashion-MNIST: accuracy vs sparsity, and mask dynamics.
+
+Variants: dense; gradual magnitude pruning (gmp), Top-KAST-style dual averaging (topkast) and
+Spartan, all with global allocation; Spartan with uniform and ERK allocation; Spartan with 4x4
+blocks. Each sparse variant runs at 90%, 95% and 98% sparsity, every run with the same model,
+data, epoch budget and seeds (3 by default); the table reports mean +- std over seeds.
+
+Each run is one ``python -m reference.fashion_mnist`` process (``--threads 1``), ``--jobs`` of them
+at a time, writing ``reference/results/runs/<name>.json``. Runs whose JSON exists are skipped, so
+an interrupted comparison resumes where it stopped, and ``--methods/--sparsities/--seeds`` select
+a subset. Afterwards (or with ``--report-only``) the script writes
+
+- ``reference/results/fashion_mnist.md``: settings and the mean +- std table,
+- ``reference/results/fashion_mnist.json``: settings, aggregates, per-run summaries and the mean
+  per-step mask-change curves,
+- ``reference/results/accuracy_vs_sparsity.png`` and ``reference/results/mask_change.png``.
+
+Usage::
+
+    python -m reference.compare --jobs 2            # everything (about an hour on 2 cores)
+    python -m reference.compare --methods spartan gmp --sparsities 0.95 --seeds 0
+    python -m reference.compare --report-only       # tables and plots from existing runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SETTINGS", "VARIANTS", "Run", "Variant", "aggregate", "main", "plan_runs"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method configuration of the comparison (a row of the table).
+
+    Attributes:
+        name: short identifier used in file names and ``--methods``.
+        label: human-readable label for tables and plots.
+        flags: extra ``reference.fashion_mnist`` flags selecting the method.
+    """
+
+    name: str
+    label: str
+    flags: tuple[str, ...]
+
+    @property
+    def dense(self) -> bool:
+        """True for the dense baseline (run once per seed, at 0% sparsity)."""
+        return "dense" in self.flags
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("dense", "dense", ("--method", "dense")),
+    Variant("gmp", "GMP (global)", ("--method", "gmp", "--policy", "global")),
+    Variant("topkast", "Top-KAST / dual averaging (global)", ("--method", "topkast")),
+    Variant("spartan", "Spartan (global)", ("--method", "spartan", "--policy", "global")),
+    Variant("spartan-uniform", "Spartan (uniform)", ("--method", "spartan", "--policy", "uniform")),
+    Variant("spartan-erk", "Spartan (ERK)", ("--method", "spartan", "--policy", "erk")),
+    Variant(
+        "spartan-4x4", "Spartan (global, 4x4 blocks)", ("--method", "spartan", "--block", "4x4")
+    ),
+)
+"""The rows of the comparison, in table order."""
+
+SPARSITIES: tuple[float, ...] = (0.90, 0.95, 0.98)
+SEEDS: tuple[int, ...] = (0, 1, 2)
+
+SETTINGS: dict[str, Any] = {
+    "epochs": 3,
+    "train_subset": 20000,
+    "widths": "32,64,128",
+    "batch_size": 128,
+    "lr": 0.1,
+    "threads": 1,
+}
+"""Settings shared by every run (``reference.fashion_mnist`` flags); the full test set is used."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the comparison."""
+
+    variant: Variant
+    sparsity: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """File stem of the run, e.g. ``spartan-s95-seed0``."""
+        return f"{self.variant.name}-s{round(self.sparsity * 100):02d}-seed{self.seed}"
+
+    def command(self, out: Path, settings: dict[str, Any]) -> list[str]:
+        """The ``python -m reference.fashion_mnist`` command line of this run."""
+        cmd = [sys.executable, "-m", "reference.fashion_mnist", *self.variant.flags]
+        if not self.variant.dense:
+            cmd += ["--sparsity", str(self.sparsity)]
+        for key, value in settings.items():
+            if value is not None:
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+        return [*cmd, "--seed", str(self.seed), "--no-progress", "--out", str(out)]
+
+
+def plan_runs(
+    methods: Sequence[str] | None = None,
+    sparsities: Sequence[float] = SPARSITIES,
+    seeds: Sequence[int] = SEEDS,
+) -> list[Run]:
+    """All runs of the selected variants, sparsities and seeds (dense once per seed).
+
+    Raises:
+        ValueError: if a method name is not one of :data:`VARIANTS`.
+    """
+    known = {v.name: v for v in VARIANTS}
+    chosen = list(VARIANTS) if not methods else []
+    for name in methods or ():
+        if name not in known:
+            raise ValueError(f"unknown method {name!r}; choose from {sorted(known)}")
+        chosen.append(known[name])
+    runs = []
+    for variant in chosen:
+        for sparsity in [0.0] if variant.dense else sparsities:
+            runs.extend(Run(variant, sparsity, seed) for seed in seeds)
+    return runs
+
+
+def _execute(run: Run, runs_dir: Path, settings: dict[str, Any]) -> tuple[Run, int, float]:
+    out = runs_dir / f"{run.name}.json"
+    log = runs_dir / f"{run.name}.log"
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        rc = subprocess.call(
+            run.command(out, settings), stdout=handle, stderr=subprocess.STDOUT, cwd=_repo_root()
+        )
+    return run, rc, time.perf_counter() - start
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run's JSON in ``runs_dir`` with its file stem under ``"name"``."""
+    results = []
+    for path in sorted(runs_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        result["name"] = path.stem
+        results.append(result)
+    return results
+
+
+def _variant_of(result: dict[str, Any]) -> str:
+    return result["name"].rsplit("-s", 1)[0].rsplit("-seed", 1)[0]
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean +- std (over seeds) of accuracy, achieved sparsity and time per (variant, sparsity)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((_variant_of(r), r["config"]["sparsity"]), []).append(r)
+    order = {v.name: i for i, v in enumerate(VARIANTS)}
+    rows = []
+    for (variant, sparsity), group in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1])
+    ):
+        acc_mean, acc_std = _mean_std([r["test_accuracy"] for r in group])
+        sp_mean, _ = _mean_std([r["achieved_sparsity"] for r in group])
+        time_mean, _ = _mean_std([r["time_s"]["total"] for r in group])
+        rows.append(
+            {
+                "variant": variant,
+                "target_sparsity": sparsity,
+                "seeds": sorted(r["config"]["seed"] for r in group),
+                "accuracy_mean": acc_mean,
+                "accuracy_std": acc_std,
+                "achieved_sparsity_mean": sp_mean,
+                "time_s_mean": time_mean,
+            }
+        )
+    return rows
+
+
+def _label(variant: str) -> str:
+    return next((v.label for v in VARIANTS if v.name == variant), variant)
+
+
+def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    c = results[0]["config"]
+    env = results[0]["environment"]
+    return (
+        f"Model: SmallResNet widths {tuple(c['widths'])}, {c['blocks']} block(s) per stage, "
+        f"{results[0]['params']} parameters. Training: {c['epochs']} epochs on a random subset "
+        f"of {results[0]['train_images']} of the 60000 training images (the same subset per "
+        f"seed), batch {c['batch_size']}, SGD Nesterov momentum {c['momentum']}, lr {c['lr']} "
+        f"with {c['warmup']:.0%} warm-up and cosine decay, weight decay {c['weight_decay']} on "
+        f"conv/linear weights, random flips. Test: the full {results[0]['test_images']}-image "
+        "test set, after `ts.finalize`. Sparse runs use `ts.DualAveraging` defaults (density "
+        "1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen in the last 20%); "
+        "sparsity counts all parameters (BatchNorm included). "
+        f"Each run: one process, {env['threads']} thread(s), torch {env['torch']}, "
+        f"{env['cpu_count']}-core CPU; flags {settings}."
+    )
+
+
+def write_markdown(
+    rows: list[dict[str, Any]], results: list[dict[str, Any]], settings: dict[str, Any], path: Path
+) -> None:
+    """The settings paragraph and the accuracy table (methods x sparsities) as markdown."""
+    sparsities = sorted({r["target_sparsity"] for r in rows if r["target_sparsity"] > 0})
+    by_key = {(r["variant"], r["target_sparsity"]): r for r in rows}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [
+        "# Fashion-MNIST: sparse training methods compared",
+        "",
+        "Generated by `python -m reference.compare`. Test accuracy (%), mean +- std over seeds "
+        "(n = number of seeds); achieved sparsity of all parameters in brackets.",
+        "",
+        _settings_text(results, settings),
+        "",
+        "| method | " + " | ".join(f"{s:.0%} sparse" for s in sparsities) + " |",
+        "|---|" + "---|" * len(sparsities),
+    ]
+    for variant in variants:
+        if (variant, 0.0) in by_key:
+            r = by_key[(variant, 0.0)]
+            n = len(r["seeds"])
+            cell = f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} (n={n})"
+            lines.append(
+                f"| {_label(variant)} (0% sparse) | " + " | ".join([cell] * len(sparsities)) + " |"
+            )
+            continue
+        cells = []
+        for s in sparsities:
+            r = by_key.get((variant, s))
+            cells.append(
+                "not run"
+                if r is None
+                else f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} "
+                f"[{100 * r['achieved_sparsity_mean']:.1f}%] (n={len(r['seeds'])})"
+            )
+        lines.append(f"| {_label(variant)} | " + " | ".join(cells) + " |")
+    times = [r["time_s"]["total"] for r in results]
+    lines += [
+        "",
+        f"{len(results)} runs, {sum(times) / 60:.1f} min of process time in all "
+        f"(mean {statistics.fmean(times):.0f} s per run, including data loading and evaluation).",
+        "",
+        "Plots: `accuracy_vs_sparsity.png` (mean +- std), `mask_change.png` (fraction of mask "
+        "entries that changed at each step, 95% sparsity, mean over seeds).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def mask_change_curves(
+    results: list[dict[str, Any]], sparsity: float = 0.95
+) -> dict[str, list[float]]:
+    """Per-step mask-change fraction averaged over seeds, per sparse variant, at ``sparsity``."""
+    curves: dict[str, list[list[float]]] = {}
+    for r in results:
+        steps = r["steps"]["mask_change"]
+        if steps and math.isclose(r["config"]["sparsity"], sparsity):
+            curves.setdefault(_variant_of(r), []).append(steps)
+    return {
+        v: [statistics.fmean(col) for col in zip(*runs, strict=False)] for v, runs in curves.items()
+    }
+
+
+def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy vs sparsity per variant, error bars = std over seeds; dense as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = [r for r in rows if r["variant"] == variant]
+        if pts[0]["target_sparsity"] == 0.0:
+            m, s = 100 * pts[0]["accuracy_mean"], 100 * pts[0]["accuracy_std"]
+            ax.axhline(m, color="black", linestyle="--", linewidth=1, label=f"dense ({m:.2f}%)")
+            ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+            continue
+        xs = [100 * r["target_sparsity"] for r in pts]
+        ax.errorbar(
+            xs,
+            [100 * r["accuracy_mean"] for r in pts],
+            yerr=[100 * r["accuracy_std"] for r in pts],
+            marker="o",
+            capsize=3,
+            label=_label(variant),
+        )
+    ax.set_xlabel("sparsity (% of all parameters)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, SmallResNet: accuracy vs sparsity (mean +- std over seeds)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_mask_change(curves: dict[str, list[float]], path: Path, window: int = 10) -> None:
+    """Mask-change fraction per step (moving average over ``window`` steps), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in ("spartan", "topkast", "gmp"):
+        curve = curves.get(variant)
+        if not curve:
+            continue
+        smoothed = [
+            statistics.fmean(curve[max(0, i - window + 1) : i + 1]) for i in range(len(curve))
+        ]
+        steps = list(range(1, len(curve) + 1))
+        ax.plot(steps, [v if v > 0 else float("nan") for v in smoothed], label=_label(variant))
+        total = len(curve)
+    if curves:
+        ax.axvspan(0, 0.2 * total, color="tab:blue", alpha=0.06, label="density ramp (20%)")
+        ax.axvspan(0.8 * total, total, color="tab:gray", alpha=0.12, label="mask frozen (20%)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"fraction of mask entries changed (moving avg, {window} steps)")
+    ax.set_title("Mask changes per step at 95% sparsity (mean over seeds)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(runs_dir: Path, results_dir: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write the markdown table, the aggregate JSON and the two plots; return the table rows."""
+    results = load_runs(runs_dir)
+    if not results:
+        raise FileNotFoundError(
+            f"no finished runs in {runs_dir}; run `python -m reference.compare` first"
+        )
+    rows = aggregate(results)
+    curves = mask_change_curves(results)
+    write_markdown(rows, results, settings, results_dir / "fashion_mnist.md")
+    summaries = [
+        {k: v for k, v in r.items() if k not in ("steps", "sparsity_report")} for r in results
+    ]
+    (results_dir / "fashion_mnist.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "settings_text": _settings_text(results, settings),
+                "table": rows,
+                "runs": summaries,
+                "mask_change_mean_at_95": curves,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    plot_accuracy(rows, results_dir / "accuracy_vs_sparsity.png")
+    plot_mask_change(curves, results_dir / "mask_change.png")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the missing runs of the selection ``--jobs`` at a time, then write the report."""
+    from tqdm.auto import tqdm
+
+    p = argparse.ArgumentParser(
+        prog="python -m reference.compare", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=None, help=f"subset of {[v.name for v in VARIANTS]}"
+    )
+    p.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses --threads)")
+    p.add_argument("--epochs", type=int, default=SETTINGS["epochs"])
+    p.add_argument("--train-subset", type=int, default=SETTINGS["train_subset"])
+    p.add_argument("--widths", default=SETTINGS["widths"])
+    p.add_argument("--threads", type=int, default=SETTINGS["threads"])
+    p.add_argument("--runs-dir", type=Path, default=RESULTS_DIR / "runs")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
+    p.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    settings = {
+        **SETTINGS,
+        "epochs": args.epochs,
+        "train_subset": args.train_subset,
+        "widths": args.widths,
+        "threads": args.threads,
+    }
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        runs = plan_runs(args.methods, args.sparsities, args.seeds)
+    except ValueError as exc:
+        p.error(str(exc))
+    todo = [r for r in runs if not (args.runs_dir / f"{r.name}.json").exists()]
+    print(f"{len(runs)} runs selected, {len(runs) - len(todo)} already done, {len(todo)} to do")
+    if args.dry_run:
+        for r in todo:
+            print(" ", r.name, " ".join(r.command(args.runs_dir / f"{r.name}.json", settings)[1:]))
+        return
+    failed = []
+    if todo and not args.report_only:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), unit="run") as bar:
+            futures = [pool.submit(_execute, r, args.runs_dir, settings) for r in todo]
+            for future in as_completed(futures):
+                run, rc, seconds = future.result()
+                bar.update()
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run.name}.log)"
+                tqdm.write(f"{run.name}: {status} in {seconds:.0f} s")
+                if rc != 0:
+                    failed.append(run.name)
+        print(f"runs finished in {(time.perf_counter() - start) / 60:.1f} min wall")
+    rows = report(args.runs_dir, args.results_dir, settings)
+    for r in rows:
+        print(
+            f"{_label(r['variant']):36s} {r['target_sparsity']:5.0%}  "
+            f"{100 * r['accuracy_mean']:6.2f} +- {100 * r['accuracy_std']:.2f}  "
+            f"(n={len(r['seeds'])})"
+        )
+    print(f"wrote {args.results_dir / 'fashion_mnist.md'} and plots")
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
