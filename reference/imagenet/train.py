@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -339,6 +340,14 @@ def init_distributed(args: argparse.Namespace) -> DistInfo:
             device_id=device if backend == "nccl" else None,
         )
     return DistInfo(rank, world, local_rank, device)
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops the per-forward buffer broadcast (renamed in torch 2.13)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}  # older torch; every rank starts from the same seed
 
 
 def log(info: DistInfo, *parts: Any) -> None:
@@ -682,11 +691,15 @@ class Trainer:
         batches: Iterator[Any] = iter(loader)
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         seen = 0
+        data_time = 0.0
         start = time.perf_counter()
         for i in range(self.steps_per_epoch):
             self.optimizer.zero_grad(set_to_none=True)
             for micro in range(args.accum_steps):
-                images, target = self.to_device(*next(batches))
+                t_data = time.perf_counter()
+                batch = next(batches)
+                data_time += time.perf_counter() - t_data
+                images, target = self.to_device(*batch)
                 last = micro == args.accum_steps - 1
                 sync = (
                     self.model.no_sync()  # type: ignore[operator]
@@ -720,7 +733,8 @@ class Trainer:
                 msg = (
                     f"epoch {epoch} step {i + 1}/{self.steps_per_epoch} "
                     f"(global {self.global_step}) loss {float(loss_sum) / (i + 1):.4f} "
-                    f"lr {self.optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s"
+                    f"lr {self.optimizer.param_groups[0]['lr']:.4g} {rate:.1f} img/s "
+                    f"(data wait {data_time / (time.perf_counter() - start):.0%})"
                 )
                 rec = getattr(self.optimizer, "last_record", None)
                 if rec is not None:
@@ -857,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            forward_sync_buffers=False,
+            **_no_forward_buffer_sync(),
         )
 
     train_set, val_set = build_datasets(args)
