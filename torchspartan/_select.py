@@ -40,7 +40,7 @@ _MAX_SORTED = 1 << 17
 # Margin of the first window in standard deviations of the sample rank; multiplied by 4 per retry.
 _Z = 5.0
 # Relative half-width of the window around a warm-start hint.
-_HINT_WIDTH = 2.0**-10
+_HINT_WIDTH = 2.0**-8
 _MAX_DEPTH = 4
 
 Cost = float | torch.Tensor
@@ -207,6 +207,7 @@ def _select(
         masks = [torch.ones(u.shape, dtype=torch.bool, device=u.device) for u in us]
         lows = [u.min().to(torch.float64) for u in us if u.numel() > 0]
         return masks, float(torch.stack(lows).min()) if lows else math.inf
+    dtypes = {u.dtype for u in us}
     # Bracket of the boundary: C(> hi) <= budget <= C(>= lo).
     lo, hi = -math.inf, math.inf
     sample: _Sample | None = None
@@ -225,14 +226,16 @@ def _select(
                 sample = _Sample(us, cs)
             a, b = sample.window(budget, attempt, lo, hi)
             attempt += 1
-        above = [torch.gt(u, _round_to(b, u.dtype, up=False)) for u in us]
+        b_in = {dt: _round_to(b, dt, up=False) for dt in dtypes}
+        above = [torch.gt(u, b_in[u.dtype]) for u in us]
         cost_above = _cost_of(above, cs)
         if cost_above > budget:
             lo = b
             continue
         hi = b
+        a_in = {dt: _round_to(a, dt, up=True) for dt in dtypes}
         idx = [
-            torch.nonzero(torch.ge(u, _round_to(a, u.dtype, up=True)).logical_xor_(g)).squeeze(1)
+            torch.nonzero(torch.ge(u, a_in[u.dtype]).logical_xor_(g)).squeeze(1)
             for u, g in zip(us, above, strict=True)
         ]
         cand_cost = [
