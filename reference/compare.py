@@ -80,8 +80,8 @@ SEEDS: tuple[int, ...] = (0, 1, 2)
 
 SETTINGS: dict[str, Any] = {
     "epochs": 3,
-    "train_subset": 20000,
-    "widths": "32,64,128",
+    "train_subset": 30000,
+    "widths": "16,32,64",
     "batch_size": 128,
     "lr": 0.1,
     "threads": 1,
@@ -129,11 +129,13 @@ def plan_runs(
         if name not in known:
             raise ValueError(f"unknown method {name!r}; choose from {sorted(known)}")
         chosen.append(known[name])
-    runs = []
-    for variant in chosen:
-        for sparsity in [0.0] if variant.dense else sparsities:
-            runs.extend(Run(variant, sparsity, seed) for seed in seeds)
-    return runs
+    # Seed-major order: an interrupted comparison has every configuration at the first seeds.
+    return [
+        Run(variant, sparsity, seed)
+        for seed in seeds
+        for variant in chosen
+        for sparsity in ([0.0] if variant.dense else sparsities)
+    ]
 
 
 def _execute(run: Run, runs_dir: Path, settings: dict[str, Any]) -> tuple[Run, int, float]:

@@ -289,3 +289,58 @@ def test_subset_is_deterministic() -> None:
     assert subset(data, None) is data
     with pytest.raises(ValueError, match="subset size"):
         subset(data, 21)
+
+
+# --- the training script on the tiny digits set ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dense", "spartan", "gmp"])
+def test_training_script_on_digits(tmp_path: Path, method: str) -> None:
+    """End to end on sklearn digits: trains, finalises, reports exact sparsity, writes the JSON."""
+    pytest.importorskip("sklearn")
+    import json
+
+    from reference.fashion_mnist import main
+
+    out = tmp_path / "run.json"
+    argv = ["--dataset", "digits", "--method", method, "--epochs", "2", "--batch-size", "64"]
+    argv += ["--widths", "8,16,32", "--sparsity", "0.9", "--no-progress", "--out", str(out)]
+    result = main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["test_accuracy"] == result["test_accuracy"] > 0.3  # well above chance (0.1)
+    steps = saved["steps"]
+    if method == "dense":
+        assert saved["achieved_sparsity"] == 0.0 and steps["mask_change"] == []
+        return
+    assert len(steps["mask_change"]) == saved["total_steps"] == 2 * (1347 // 64)
+    assert all(0.0 <= c <= 1.0 for c in steps["mask_change"])
+    assert steps["mask_change"][-1] == 0.0  # mask frozen in the fine-tuning phase
+    assert steps["density"][0] > steps["density"][-1]
+    # sparsity counted over all parameters (the paper's convention), exact after finalize
+    assert saved["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert "all parameters" in saved["sparsity_report"]
+
+
+def test_training_script_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from reference.fashion_mnist import main
+
+    with pytest.raises(SystemExit):
+        main(["--sparsity", "1.5"])
+    assert "sparsity must be in [0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--block", "4by4"])
+    assert "--block must look like 4x4" in capsys.readouterr().err
+
+
+def test_compare_plans_and_resumes(tmp_path: Path) -> None:
+    from reference.compare import VARIANTS, plan_runs
+
+    runs = plan_runs()
+    assert len(runs) == 3 + (len(VARIANTS) - 1) * 3 * 3  # dense once per seed
+    assert len({r.name for r in runs}) == len(runs)
+    subset_runs = plan_runs(["spartan", "gmp"], [0.95], [0])
+    assert [r.name for r in subset_runs] == ["spartan-s95-seed0", "gmp-s95-seed0"]
+    cmd = subset_runs[0].command(tmp_path / "x.json", {"epochs": 1, "train_subset": None})
+    assert cmd[cmd.index("--sparsity") + 1] == "0.95" and "--train-subset" not in cmd
+    with pytest.raises(ValueError, match="unknown method 'sparta'"):
+        plan_runs(["sparta"])
