@@ -35,22 +35,37 @@ from reference.imagenet.train import parse_args  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 300
 
-RESNET = [
-    "--synthetic", "--model", "resnet18", "--image-size", "32", "--num-classes", "10",
-    "--batch-size", "8", "--epochs", "2", "--max-steps-per-epoch", "3", "--workers", "0",
-    "--method", "spartan", "--sparsity", "0.9", "--sparsity-of", "model",
-    "--lr", "0.4", "--warmup-epochs", "0.5", "--anneal-fraction", "0.5",
-    "--finetune-fraction", "0.2", "--print-freq", "100", "--device", "cpu",
-]
+RESNET = (
+    "--synthetic --model resnet18 --image-size 32 --num-classes 10 --batch-size 8 --epochs 2 "
+    "--max-steps-per-epoch 3 --workers 0 --method spartan --sparsity 0.9 --sparsity-of model "
+    "--lr 0.4 --warmup-epochs 0.5 --anneal-fraction 0.5 --finetune-fraction 0.2 "
+    "--print-freq 100 --device cpu"
+).split()
+VIT = (
+    "--preset vit_b16_block16_s90 --synthetic --model vit_tiny --image-size 32 --num-classes 10 "
+    "--batch-size 8 --epochs 2 --max-steps-per-epoch 2 --workers 1 --sparsity 0.5 "
+    "--sparsity-of masked --amp-dtype fp16 --check-masks-identical --device cpu"
+).split()
 
 
 def launch(args: list[str], out: Path) -> tuple[dict, str]:
     """``torchrun --nproc_per_node=2`` of the training script; returns (result.json, output)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "reference.imagenet.train", *args, "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "reference.imagenet.train",
+        *args,
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
     return json.loads((out / "result.json").read_text()), output
@@ -66,8 +81,19 @@ def test_presets_and_flags_override() -> None:
     args = parse_args(["--preset", "resnet50_s95", "--synthetic"])
     for key, value in PRESETS["resnet50_s95"].items():
         assert getattr(args, key) == value, key
-    args = parse_args(["--preset", "vit_b16_block16_s90", "--synthetic", "--lr", "1e-3",
-                       "--block", "none", "--epochs", "3"])
+    args = parse_args(
+        [
+            "--preset",
+            "vit_b16_block16_s90",
+            "--synthetic",
+            "--lr",
+            "1e-3",
+            "--block",
+            "none",
+            "--epochs",
+            "3",
+        ]
+    )
     assert (args.lr, args.block, args.epochs) == (1e-3, None, 3)
     assert args.beta_target == 20.0 and args.mixup_alpha == 0.2 and args.cutmix_alpha == 1.0
     assert parse_args(["--synthetic", "--block", "16x16"]).block == [16, 16]
@@ -100,19 +126,16 @@ def test_resnet_two_ranks_checkpoint_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_vit_block_preset_two_ranks(tmp_path: Path) -> None:
-    result, output = launch([
-        "--preset", "vit_b16_block16_s90", "--synthetic", "--model", "vit_tiny",
-        "--image-size", "32", "--num-classes", "10", "--batch-size", "8", "--epochs", "2",
-        "--max-steps-per-epoch", "2", "--workers", "1", "--sparsity", "0.5",
-        "--sparsity-of", "masked", "--amp-dtype", "fp16", "--check-masks-identical",
-        "--device", "cpu",
-    ], tmp_path / "vit")
+    result, _ = launch(VIT, tmp_path / "vit")
     assert_masks_identical(result)
     assert result["mask_checks"] >= 4 + 1  # every step and at the checkpoints
     assert result["weight_sparsity"] > 0.3
     state = torch.load(tmp_path / "vit" / "model_final.pt", weights_only=False)["model"]
-    masked = [k for k in state if k.startswith("encoder.layers.") and k.endswith("weight")
-              and state[k].dim() == 2]
+    masked = [
+        k
+        for k in state
+        if k.startswith("encoder.layers.") and k.endswith("weight") and state[k].dim() == 2
+    ]
     assert len(masked) == 8  # in_proj, out_proj, mlp.0, mlp.3 of 2 layers
     zero_blocks = 0
     for k in masked:

@@ -97,10 +97,7 @@ _VIT_B16: dict[str, Any] = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     "resnet50_dense": {**_RESNET50, "method": "dense", "sparsity": 0.0},
-    **{
-        f"resnet50_s{pct}": {**_RESNET50, "sparsity": pct / 100}
-        for pct in (80, 90, 95, 98)
-    },
+    **{f"resnet50_s{pct}": {**_RESNET50, "sparsity": pct / 100} for pct in (80, 90, 95, 98)},
     "vit_b16_dense": {**_VIT_B16, "method": "dense", "sparsity": 0.0, "block": None},
     "vit_b16_block16_s90": {**_VIT_B16, "sparsity": 0.9},
     "vit_b16_s90": {**_VIT_B16, "sparsity": 0.9, "block": None},
@@ -113,8 +110,10 @@ def describe_presets() -> str:
     lines = []
     for name, p in PRESETS.items():
         block = "x".join(map(str, p["block"])) if p["block"] else "unstructured"
-        what = "dense" if p["method"] == "dense" else (
-            f"{p['method']} {p['sparsity']:.0%} {block}, beta {p['beta_target']:g}"
+        what = (
+            "dense"
+            if p["method"] == "dense"
+            else (f"{p['method']} {p['sparsity']:.0%} {block}, beta {p['beta_target']:g}")
         )
         lines.append(f"{name:<22} {p['model']:<9} {p['epochs']:>3} epochs, {p['opt']}, {what}")
     return "\n".join(lines)
