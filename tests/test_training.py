@@ -180,6 +180,9 @@ def test_resume_is_bit_identical(stop: int) -> None:
     for (n, a), b in zip(model.state_dict().items(), model3.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     assert opt.last_record == opt3.last_record
+    # the wrapper still shares the base optimizer's param_groups after loading
+    assert opt3.param_groups is opt3.optimizer.param_groups
+    assert opt3.state is opt3.optimizer.state
 
 
 def test_state_dict_from_another_model_is_refused() -> None:

@@ -210,9 +210,6 @@ class DualAveraging(torch.optim.Optimizer):
 
         # -- the torch.optim.Optimizer data model, shared with the base optimizer ---------
         self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         for attr in (
             "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -276,6 +273,31 @@ class DualAveraging(torch.optim.Optimizer):
         self._hints: dict[tuple[int, ...], float] = {}
         self.last_record: StepRecord | None = None
         self._update_masks()
+
+    # param_groups, state and defaults are the base optimizer's own (also after it reloads)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
 
     # -- discovery -------------------------------------------------------------------------
     @staticmethod
