@@ -401,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--train-subset", type=int, default=SETTINGS["train_subset"])
     p.add_argument("--widths", default=SETTINGS["widths"])
     p.add_argument("--threads", type=int, default=SETTINGS["threads"])
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST directory (see --help of runs)")
     p.add_argument("--runs-dir", type=Path, default=RESULTS_DIR / "runs")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots")
@@ -414,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "train_subset": args.train_subset,
         "widths": args.widths,
         "threads": args.threads,
+        "data_dir": args.data_dir,
     }
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -61,9 +61,17 @@ FASHION_MNIST_FILES: dict[str, str] = {
 """The four IDX files of Fashion-MNIST (the same names as MNIST's), without ``.gz``."""
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 _IDX_DTYPES: dict[int, torch.dtype] = {
     0x08: torch.uint8,
@@ -331,9 +339,12 @@ def load_digits_datasets(
         ) from exc
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.images, digits.target, test_size=test_fraction, random_state=seed,
+        digits.images,
+        digits.target,
+        test_size=test_fraction,
+        random_state=seed,
         stratify=digits.target,
-    )  # fmt: skip
+    )
     train_x = torch.as_tensor(x_train, dtype=torch.float32) / 16.0
     mean, std = float(train_x.mean()), float(train_x.std())
 
