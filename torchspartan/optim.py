@@ -364,14 +364,14 @@ class DualAveraging(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def _check_finite(self) -> None:
-        flags = []
-        for layer in self._layers:
-            flags.append(torch.isfinite(layer.theta).all())
-            g = layer.theta.grad
-            flags.append(torch.isfinite(g).all() if g is not None else flags[-1])
-        ok = torch.stack(flags).tolist()
+        """One host sync: the max-abs of every masked weight and gradient is finite."""
+        tensors = [ly.theta.detach() for ly in self._layers]
+        tensors += [ly.theta.grad if ly.theta.grad is not None else ly.theta.detach()
+                    for ly in self._layers]
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
+        n = len(self._layers)
         for i, layer in enumerate(self._layers):
-            for what, good in (("weight", ok[2 * i]), ("gradient", ok[2 * i + 1])):
+            for what, good in (("weight", ok[i]), ("gradient", ok[n + i])):
                 if not good:
                     raise ValueError(
                         f"{layer.name} has a non-finite {what} (NaN or Inf) before step "
@@ -416,7 +416,7 @@ class DualAveraging(torch.optim.Optimizer):
                 mask.hard_mask = torch.ones_like(mask.hard_mask)
                 mask.beta.zero_()
         else:
-            units = {i: self._unit_values(self._layers[i]) for i in self._alloc_idx}
+            units = self._unit_values(self._alloc_idx)
             for alloc in self.policy.allocate(self._infos, alloc_density):
                 idx = tuple(self._alloc_idx[j] for j in alloc.indices)
                 it, err = self._solve_bounded(idx, alloc, units, beta_t)
@@ -425,21 +425,40 @@ class DualAveraging(torch.optim.Optimizer):
         freeze = t >= self.finetune_start
         if freeze:
             self._fold()
-        changed = sum(
-            float((ly.mask.hard_mask != o).sum()) * ly.mask.block_numel
-            for ly, o in zip(self._layers, old, strict=True)
-        )
+        block = [ly.mask.block_numel for ly in self._layers]
+        counts = torch.stack(
+            [(ly.mask.hard_mask != o).sum() for ly, o in zip(self._layers, old, strict=True)]
+            + [ly.mask.hard_mask.sum() for ly in self._layers]
+        ).tolist()
+        n = len(self._layers)
+        changed = sum(c * b for c, b in zip(counts[:n], block, strict=True))
+        kept = sum(c * b for c, b in zip(counts[n:], block, strict=True))
         self.last_record = StepRecord(
-            t, self._achieved_density(), alloc_density, beta_t, iterations, error,
+            t, kept / self._masked_numel, alloc_density, beta_t, iterations, error,
             changed / self._masked_numel, self._frozen,
         )
 
-    def _unit_values(self, layer: _Layer) -> torch.Tensor:
-        """``u = block_sum(|theta|) / entry_cost`` flattened, float32 (float64 for float64)."""
-        v = block_reduce(layer.theta.detach().abs(), layer.mask.layer_spec().sizes)
-        if v.dtype not in (torch.float32, torch.float64):
-            v = v.float()
-        return v.reshape(-1).div_(layer.entry_cost)
+    def _unit_values(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        """``u = block_sum(|theta|) / entry_cost``, flattened, float32 (float64 for float64).
+
+        Unstructured float32/float64 tensors go through one multi-tensor (foreach) call.
+        """
+        plain = [i for i in indices if self._layers[i].mask.block is None
+                 and self._layers[i].theta.dtype in (torch.float32, torch.float64)]
+        out: dict[int, torch.Tensor] = {}
+        if plain:
+            us = torch._foreach_abs([self._layers[i].theta.detach() for i in plain])
+            torch._foreach_div_(us, [self._layers[i].entry_cost for i in plain])
+            out.update({i: u.reshape(-1) for i, u in zip(plain, us, strict=True)})
+        for i in indices:
+            if i in out:
+                continue
+            layer = self._layers[i]
+            v = block_reduce(layer.theta.detach().abs(), layer.mask.layer_spec().sizes)
+            if v.dtype not in (torch.float32, torch.float64):
+                v = v.float()
+            out[i] = v.reshape(-1).div_(layer.entry_cost)
+        return out
 
     def _solve_bounded(
         self, idx: tuple[int, ...], alloc: Allocation, units: dict[int, torch.Tensor],
@@ -459,6 +478,9 @@ class DualAveraging(torch.optim.Optimizer):
             hard, its, err = self._solve(tuple(free), budget, units, beta_t)
             iterations += its
             error = max(error, err)
+            if all(self._layers[i].mask.min_density == 0.0
+                   and self._layers[i].mask.max_density == 1.0 for i in free):
+                break
             violators = []
             for i in free:
                 layer = self._layers[i]
@@ -531,41 +553,36 @@ class DualAveraging(torch.optim.Optimizer):
         Solved for ``x = -tau`` (increasing residual). Returns (tau, S, evaluations, error).
         """
         logit = math.log(budget / (total - budget))
-        ranges = self._reduce(torch.stack([
-            torch.stack([u.min(), u.max()]).double() for u in chunks
-        ]))
-        umin, umax = ranges[:, 0].tolist(), ranges[:, 1].tolist()
+        dev = chunks[0].device
+        # u >= 0, so 0 bounds every minimum: a valid (slightly wider) bracket, one reduction less
+        umax = self._reduce(torch.stack(torch._foreach_norm(chunks, math.inf)).double()).tolist()
         lo = min(logit / b - hi_ for b, hi_ in zip(betas, umax, strict=True))
-        hi = max(logit / b - lo_ for b, lo_ in zip(betas, umin, strict=True))
-        prev = layers[0].mask
-        if float(prev.beta) > 0:
-            x0 = -float(prev.threshold)
-        else:
-            x0 = 0.5 * (lo + hi)
+        hi = max(logit / b for b in betas)
+        tau_prev, beta_prev, _ = layers[0].mask.scalars()
+        x0 = -tau_prev if beta_prev > 0 else 0.5 * (lo + hi)
         x0 = min(max(x0, lo), hi)
-        last_slope = [1.0]
+        cost_t = torch.tensor(costs, dtype=torch.float64, device=dev)
+        slope_w = cost_t * torch.tensor(betas, dtype=torch.float64, device=dev)
+        slope = [torch.zeros((), dtype=torch.float64, device=dev)]
 
         def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            xf = float(x)
-            sums = []
-            for u, c, b in zip(chunks, costs, betas, strict=True):
-                m = torch.sigmoid_(torch.add(u, xf).mul_(b))
-                s1 = m.sum(dtype=torch.float64)
-                s2 = torch.dot(m, m).double()
-                sums.append(torch.stack([c * s1, c * b * (s1 - s2)]))
-            total_sums = self._reduce(torch.stack(sums).sum(0))
-            f = total_sums[0] - budget
-            last_slope[0] = float(total_sums[1])
-            return f, total_sums[1]
+            zs = torch._foreach_add(chunks, x.to(chunks[0].dtype))
+            torch._foreach_mul_(zs, betas)
+            torch._foreach_sigmoid_(zs)
+            s1 = torch.stack(torch._foreach_norm(zs, 1, dtype=torch.float64))  # sum m
+            s2 = torch.stack(torch._foreach_norm(zs, 2, dtype=torch.float64)).square()  # sum m^2
+            sums = self._reduce(torch.stack([(cost_t * s1).sum(), (slope_w * (s1 - s2)).sum()]))
+            slope[0] = sums[1]
+            return sums[0] - budget, sums[1]
 
-        dev = chunks[0].device
         x = torch.tensor(x0, dtype=torch.float64, device=dev)
         target = torch.tensor(budget, dtype=torch.float64, device=dev)
         x, f, evaluations = safeguarded_newton(
             evaluate, x, torch.tensor(lo, dtype=torch.float64, device=dev),
             torch.tensor(hi, dtype=torch.float64, device=dev), target, 1e-6, 100,
         )
-        return -float(x), last_slope[0], evaluations, float(f.abs()) / budget
+        tau, s_total, err = torch.stack([-x, slope[0], f.abs() / budget]).tolist()
+        return tau, s_total, evaluations, err
 
     def _fold(self) -> None:
         """Freeze the masks: ``theta <- theta * m * h`` once, then masked training."""
@@ -585,7 +602,8 @@ class DualAveraging(torch.optim.Optimizer):
         self._frozen = True
 
     def _achieved_density(self) -> float:
-        kept = sum(float(ly.mask.hard_mask.sum()) * ly.mask.block_numel for ly in self._layers)
+        counts = torch.stack([ly.mask.hard_mask.sum() for ly in self._layers]).tolist()
+        kept = sum(c * ly.mask.block_numel for c, ly in zip(counts, self._layers, strict=True))
         return kept / self._masked_numel
 
     # -- state ---------------------------------------------------------------------------
