@@ -1,0 +1,258 @@
+"""SpartanMask under ``torch.compile`` and automatic mixed precision.
+
+- compile: a small conv + linear model with SpartanMask parametrizations, compiled with a cheap
+  backend (``aot_eager``), trains with ``DualAveraging`` and matches the eager model's losses,
+  gradients and masks step by step. The default inductor backend is the same test marked slow
+  (minutes on a 2-core CPU). How many graphs the masked model compiles into is pinned by an
+  ``xfail(strict=True)`` test: it flips to a pass when the forward stops graph-breaking.
+- AMP on CPU: bfloat16 autocast trains with finite losses and masks at the scheduled density;
+  float16 autocast with ``torch.amp.GradScaler`` does too, and a step whose gradients overflow is
+  skipped by the scaler together with the mask update.
+- The same on CUDA, skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import torchspartan as ts
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+    )
+
+
+def data(n: int, device: str = "cpu", seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 3, 8, 8, generator=g).to(device),
+             torch.randint(0, 10, (8,), generator=g).to(device)) for _ in range(n)]
+
+
+def masked_model(device: str = "cpu", block: tuple[int, int] | None = None) -> nn.Module:
+    """Convs masked entry by entry; the hidden Linear by entries or by ``block``; the classifier
+    stays dense. One global budget over all of them."""
+    model = small_net().to(device)
+    ts.sparsify(model, include=(nn.Conv2d,))
+    ts.sparsify(model, include=(nn.Linear,), exclude=[r"^5$"], block=block)
+    return model
+
+
+def dual(model: nn.Module, steps: int = 10, sparsity: float = 0.8) -> ts.DualAveraging:
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # density reaches its target after 2 steps, the mask keeps moving with beta afterwards
+    return ts.DualAveraging(base, model, sparsity=sparsity, total_steps=steps,
+                            anneal_fraction=0.2)
+
+
+def kept_counts(model: nn.Module) -> tuple[int, int, int]:
+    """(kept weights, masked weights, largest block size) over every SpartanMask."""
+    kept = total = largest = 0
+    for module in model.modules():
+        for plist in getattr(module, "parametrizations", {}).values():
+            for p in plist:
+                if isinstance(p, ts.SpartanMask):
+                    kept += int(p.hard_mask.sum()) * p.block_numel
+                    total += plist.original.numel()
+                    largest = max(largest, p.block_numel)
+    return kept, total, largest
+
+
+def kept_fraction(model: nn.Module) -> float:
+    kept, total, _ = kept_counts(model)
+    return kept / total
+
+
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+def compiled_matches_eager(backend: str, steps: int, block: tuple[int, int] | None = None,
+                           device: str = "cpu") -> None:
+    eager = masked_model(device, block)
+    twin = copy.deepcopy(eager)  # same weights and masks, unbound from any optimizer
+    opt_e, opt_c = dual(eager), dual(twin)
+    compiled = torch.compile(twin, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break and recompile-limit warnings
+        for x, y in data(steps, device):
+            losses = []
+            for model, opt in ((eager, opt_e), (compiled, opt_c)):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                losses.append(loss.detach())
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+            for ge, gc in zip(grads(eager), grads(twin), strict=True):
+                torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
+            opt_e.step()
+            opt_c.step()
+    assert opt_c.last_record == opt_e.last_record
+    for pe, pc in zip(eager.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-6)
+    assert kept_fraction(twin) == kept_fraction(eager)
+
+
+def test_compiled_aot_eager_matches_eager(fresh_dynamo: None) -> None:
+    compiled_matches_eager("aot_eager", steps=3, block=(4, 4))
+
+
+@pytest.mark.slow  # about 4 minutes on a shared 2-core CPU (C++ code generation per graph)
+def test_compiled_inductor_matches_eager(fresh_dynamo: None) -> None:
+    compiled_matches_eager("inductor", steps=3, block=(4, 4))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SpartanMask.forward graph-breaks: SpartanMask.scalars() reads float(buffer) (Tensor.item) "
+    "and keys a cache on (id, _version) of the buffers (data-dependent guards); the buffers are "
+    "refilled every step, so each mask also recompiles every step until recompile_limit"))
+def test_masked_forward_compiles_to_one_graph(fresh_dynamo: None) -> None:
+    model = masked_model()
+    dual(model)
+    explanation = torch._dynamo.explain(model)(data(1)[0][0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_eval_forward_matches_eager(fresh_dynamo: None) -> None:
+    model = masked_model()
+    opt = dual(model)
+    for x, y in data(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x = data(1, seed=5)[0][0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model(x)
+        got = torch.compile(model, backend="aot_eager")(x)
+    torch.testing.assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# AMP
+# ---------------------------------------------------------------------------------------
+def train_amp(device: str, dtype: torch.dtype, scaler: torch.amp.GradScaler | None,
+              steps: int = 6, block: tuple[int, int] | None = None
+              ) -> tuple[nn.Module, ts.DualAveraging, list[float]]:
+    model = masked_model(device, block)
+    opt = dual(model, steps=10)
+    losses = []
+    for x, y in data(steps, device):
+        opt.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+        assert out.dtype == dtype  # the masked layers really ran in low precision
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        losses.append(float(loss.detach()))
+    return model, opt, losses
+
+
+def check_trained(model: nn.Module, opt: ts.DualAveraging, losses: list[float],
+                  steps: int = 6) -> None:
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    rec = opt.last_record
+    assert rec is not None and rec.step == steps
+    assert rec.target_density == pytest.approx(0.2)
+    kept, total, block = kept_counts(model)
+    # the hard top-k keeps a block while half of its cost fits: within half a block of budget
+    assert abs(kept - 0.2 * total) <= block / 2 + 1e-9, (kept, total, block)
+    assert rec.density == pytest.approx(kept_fraction(model))
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("block", [None, (4, 4)], ids=["entries", "blocks"])
+def test_bfloat16_autocast_cpu(block: tuple[int, int] | None) -> None:
+    model, opt, losses = train_amp("cpu", torch.bfloat16, None, block=block)
+    check_trained(model, opt, losses)
+
+
+def cpu_float16_autocast_supported() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.Linear(2, 2)(torch.randn(1, 2)).dtype == torch.float16
+    except (RuntimeError, AssertionError):
+        return False
+
+
+@pytest.mark.skipif(not cpu_float16_autocast_supported(),
+                    reason="this torch build has no float16 autocast on CPU")
+def test_float16_autocast_with_grad_scaler_cpu() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model, opt, losses = train_amp("cpu", torch.float16, scaler)
+    check_trained(model, opt, losses)
+
+
+@pytest.mark.skipif(not cpu_float16_autocast_supported(),
+                    reason="this torch build has no float16 autocast on CPU")
+def test_grad_scaler_skips_overflowing_step_and_its_mask_update() -> None:
+    model = masked_model()
+    opt = dual(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    (x, y), = data(1)
+
+    def one_step() -> None:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    one_step()
+    assert opt.last_record is not None and opt.last_record.step == 1
+    before = [p.detach().clone() for p in model.parameters()]
+    masks = [m.hard_mask.clone() for m in model.modules() if isinstance(m, ts.SpartanMask)]
+    scaler.update(2.0**100)  # float16 gradients overflow at this scale
+    one_step()
+    assert scaler.get_scale() < 2.0**100  # the scaler saw the overflow and backed off
+    assert opt.last_record.step == 1  # neither the base step nor the mask update ran
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    now = [m.hard_mask for m in model.modules() if isinstance(m, ts.SpartanMask)]
+    assert all(torch.equal(a, b) for a, b in zip(now, masks, strict=True))
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_cuda(dtype: torch.dtype) -> None:
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    model, opt, losses = train_amp("cuda", dtype, scaler)
+    check_trained(model, opt, losses)
+
+
+@CUDA
+def test_compiled_aot_eager_matches_eager_cuda(fresh_dynamo: None) -> None:
+    compiled_matches_eager("aot_eager", steps=3, device="cuda")
