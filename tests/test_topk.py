@@ -268,6 +268,19 @@ def test_soft_float32_meets_budget_on_large_problem() -> None:
     assert abs(float(r.mask.double().sum()) - 0.05 * d) <= 2e-6 * 0.05 * d
 
 
+def test_soft_topk_function_apply_without_validation_extras() -> None:
+    # the autograd Function with its documented seven arguments (no unit range passed)
+    v = make_values(2, (2, 9), "uniform").requires_grad_()
+    budget = torch.tensor([3.0, 4.5], dtype=torch.float64)
+    beta = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    mask, mu, iterations, error = ts.SoftTopK.apply(v, budget, beta, None, None, 1e-12, 100)
+    torch.testing.assert_close(mask, ts.soft_topk(v, budget, beta, tol=1e-12), rtol=0, atol=1e-10)
+    assert mu.shape == (2,) and int(iterations) >= 1 and float(error.max()) <= 1e-12
+    assert not mu.requires_grad and not error.requires_grad
+    mask.sum().backward()
+    assert v.grad is not None and float(v.grad.abs().max()) < 1e-9  # the budget is fixed
+
+
 # ---------------------------------------------------------------------------------------------
 # soft top-k: low precision and warm start
 
@@ -370,14 +383,16 @@ def test_hard_topk_unit_costs_keeps_round_budget_entries_on_long_row() -> None:
 
 @st.composite
 def chunked_problems(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[float], float]:
-    n_chunks = draw(st.integers(1, 5))
+    # up to 12 chunks: with few distinct costs, 8 or more are concatenated per cost group
+    n_chunks = draw(st.integers(1, 12))
     seed = draw(st.integers(0, 2**16))
     kind = draw(st.sampled_from(["uniform", "ties"]))
     chunks = []
     for i in range(n_chunks):
         shape = draw(st.sampled_from([(0,), (1,), (7,), (3, 4), (25,)]))
         chunks.append(make_values(seed + i, shape, kind, torch.float32))
-    costs = [draw(st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.0])) for _ in chunks]
+    palette = draw(st.sampled_from([[1.0], [1.0, 2.0], [0.25, 0.5, 1.0, 2.0, 3.0]]))
+    costs = [draw(st.sampled_from(palette)) for _ in chunks]
     total = sum(c * t.numel() for c, t in zip(costs, chunks, strict=True))
     assume(total > 0)
     budget = draw(st.floats(0.01, 0.99)) * total
@@ -463,6 +478,8 @@ def test_select_top_budget_large_and_budget_edges() -> None:
         ([torch.ones(2), torch.tensor([math.inf])], [1.0, 1.0], 1.0, ValueError,
          r"chunks\[1\].*Inf"),
         ([torch.tensor([1.0, -1.0])], [1.0], 1.0, ValueError, r"chunks\[0\].*negative"),
+        ([torch.ones(3)] * 8 + [torch.tensor([1.0, -1.0])], [1.0] * 9, 1.0, ValueError,
+         r"chunks\[8\].*negative"),  # the grouped path names the chunk too
         ([torch.tensor([1, 2])], [1.0], 1.0, TypeError, r"chunks\[0\]"),
         ([torch.ones(2)], [0.0], 1.0, ValueError, r"costs\[0\]"),
         ([torch.ones(2)], [1.0, 1.0], 1.0, ValueError, "costs"),

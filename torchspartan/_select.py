@@ -42,6 +42,9 @@ _Z = 5.0
 # Relative half-width of the window around a warm-start hint.
 _HINT_WIDTH = 2.0**-8
 _MAX_DEPTH = 4
+# With at least this many chunks and four times fewer (cost, dtype) groups, chunks are
+# concatenated per group (see _select_grouped).
+_GROUP_MIN_CHUNKS = 8
 
 Cost = float | torch.Tensor
 
@@ -54,14 +57,16 @@ def select_top_budget(
     *,
     check: bool = True,
 ) -> tuple[list[torch.Tensor], float]:
-    """Hard top-k with a budget over several tensors at once, without concatenating them.
+    """Hard top-k with a budget over several tensors at once, with no sort of all entries.
 
     Entries are taken by decreasing unit value (ties: lower chunk index, then lower flat index
     first); an entry is kept while at least half of its cost still fits in ``budget``, i.e. when
     the cost of the entries before it plus half its own cost is ``<= budget``. This equals
     :func:`torchspartan.hard_topk` on the concatenation of the flattened chunks with per-entry
-    costs ``costs[i]`` repeated over ``chunks[i]``. No sort of all entries: a few elementwise
-    passes plus a sort of the few entries near the boundary.
+    costs ``costs[i]`` repeated over ``chunks[i]``. Cost: a few elementwise passes plus a sort of
+    the few entries near the boundary. Many chunks sharing few (cost, dtype) pairs (8 or more
+    chunks, at least 4 per pair on average) are first copied into one buffer per pair, so each
+    pass is one kernel instead of one per chunk; otherwise nothing is copied.
 
     Args:
         chunks: tensors of unit values ``u >= 0`` (any shapes, floating dtypes, one device).
@@ -110,10 +115,60 @@ def select_top_budget(
     if len(devices) > 1:
         raise ValueError(f"chunks must all be on one device, got {sorted(map(str, devices))}")
     flat = [t.reshape(-1) for t in chunks]
+    groups: dict[tuple[float, torch.dtype], list[int]] = {}
+    for k, (u, c) in enumerate(zip(flat, cost_list, strict=True)):
+        if u.numel():
+            groups.setdefault((c, u.dtype), []).append(k)
+    if len(flat) >= _GROUP_MIN_CHUNKS and len(groups) * 4 <= len(flat):
+        return _select_grouped(chunks, flat, groups, budget, hint, check)
     if check:
         _check_values(flat)
     masks, threshold = _select(flat, list(cost_list), budget, hint)
     return [m.view(t.shape) for m, t in zip(masks, chunks, strict=True)], threshold
+
+
+def _select_grouped(
+    chunks: list[torch.Tensor],
+    flat: list[torch.Tensor],
+    groups: dict[tuple[float, torch.dtype], list[int]],
+    budget: float,
+    hint: float | None,
+    check: bool,
+) -> tuple[list[torch.Tensor], float]:
+    """Many chunks with few distinct (cost, dtype): one buffer per group, one kernel per pass.
+
+    Costs one copy of the values, and saves the fixed cost of every kernel on every chunk (which
+    dominates for many chunks, above all on a loaded CPU or a GPU). Ties keep the order of the
+    original chunks: the candidates are ordered by their position in the original sequence.
+    """
+    starts = [0]
+    for u in flat:
+        starts.append(starts[-1] + u.numel())
+    buffers, costs, tie_keys = [], [], []
+    for (cost, _), members in groups.items():
+        buffers.append(torch.cat([flat[k] for k in members]))
+        local = [0]
+        for k in members[:-1]:
+            local.append(local[-1] + flat[k].numel())
+        device = buffers[-1].device
+        tie_keys.append((torch.tensor(local, device=device),
+                         torch.tensor([starts[k] for k in members], device=device)))
+        costs.append(cost)
+    if check:
+        try:
+            _check_values(buffers)
+        except ValueError:
+            _check_values(flat)  # raises naming the chunk
+            raise
+    group_masks, threshold = _select(buffers, list(costs), budget, hint, tie_keys=tie_keys)
+    masks: list[torch.Tensor] = [
+        torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in chunks
+    ]
+    for mask, members in zip(group_masks, groups.values(), strict=True):
+        parts = mask.split([flat[k].numel() for k in members])
+        for k, part in zip(members, parts, strict=True):
+            masks[k] = part.view(chunks[k].shape)
+    return masks, threshold
 
 
 def _check_values(flat: list[torch.Tensor]) -> None:
@@ -197,9 +252,18 @@ class _Sample:
 
 
 def _select(
-    us: list[torch.Tensor], cs: list[Cost], budget: float, hint: float | None, depth: int = 0
+    us: list[torch.Tensor],
+    cs: list[Cost],
+    budget: float,
+    hint: float | None,
+    depth: int = 0,
+    tie_keys: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[torch.Tensor], float]:
-    """Core of :func:`select_top_budget` on flat tensors; ``cs[i]`` a number or per-entry costs."""
+    """Core of :func:`select_top_budget` on flat tensors; ``cs[i]`` a number or per-entry costs.
+
+    Ties go by position in the concatenation of ``us``, unless ``tie_keys[i]`` gives, for the
+    pieces that make up ``us[i]``, their start in ``us[i]`` and their position in the tie order.
+    """
     if budget <= 0:
         return [torch.zeros(u.shape, dtype=torch.bool, device=u.device) for u in us], math.inf
     total = _cost_total(us, cs)
@@ -251,6 +315,15 @@ def _select(
         break
     values_c = torch.cat([u[i].to(torch.float64) for u, i in zip(us, idx, strict=True)])
     remaining = budget - cost_above
+    perm = None
+    if tie_keys is not None:
+        position = torch.cat([
+            ends[1][seg] + (i - ends[0][seg])
+            for i, ends in zip(idx, tie_keys, strict=True)
+            for seg in [torch.searchsorted(ends[0], i, right=True) - 1]
+        ])
+        perm = torch.argsort(position)
+        values_c, costs_c = values_c[perm], costs_c[perm]
     if values_c.numel() > _MAX_SORTED and a < b and depth < _MAX_DEPTH:
         same = len({c for c in cs if isinstance(c, float)}) == 1 and all(
             isinstance(c, float) for c in cs
@@ -271,6 +344,8 @@ def _select(
         mins = [torch.where(g, u, math.inf).min().to(torch.float64)
                 for u, g in zip(us, above, strict=True) if u.numel() > 0]
         threshold = float(torch.stack(mins).min())
+    if perm is not None:
+        kept_c = torch.empty_like(kept_c).index_put_((perm,), kept_c)
     masks = above
     start = 0
     for m, i in zip(masks, idx, strict=True):
