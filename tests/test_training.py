@@ -455,3 +455,26 @@ def test_nan_weights_raise_naming_the_tensor_and_change_nothing() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert opt.state_dict()["spartan"] == state_before["spartan"]
+
+
+def test_issue_usage_resnet18_runs_as_written() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            parametrize.register_parametrization(m, "weight", ts.SpartanMask())
+    steps = 3
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                           model, sparsity=0.95, total_steps=steps, anneal_fraction=0.34)
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(steps)]
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    masked = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ts.finalize(model)
+    n = sum(w.numel() for w in masked)
+    zeros = sum(int((w == 0).sum()) for w in masked)
+    assert zeros == n - math.floor(0.05 * n + 0.5)
+    assert "weights (dim >= 2)" in str(ts.sparsity_report(model))

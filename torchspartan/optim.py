@@ -364,11 +364,16 @@ class DualAveraging(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def _check_finite(self) -> None:
-        """One host sync: the max-abs of every masked weight and gradient is finite."""
+        """One host sync: the sum of every masked weight and gradient is finite.
+
+        A NaN/Inf entry makes its sum non-finite; a non-finite sum of finite entries (overflow)
+        is told apart by the exact check that runs only then.
+        """
         tensors = [ly.theta.detach() for ly in self._layers]
         tensors += [ly.theta.grad if ly.theta.grad is not None else ly.theta.detach()
                     for ly in self._layers]
-        ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
+        ok = torch.isfinite(torch.stack([t.sum() for t in tensors])).tolist()
+        ok = [good or bool(torch.isfinite(t).all()) for good, t in zip(ok, tensors, strict=True)]
         n = len(self._layers)
         for i, layer in enumerate(self._layers):
             for what, good in (("weight", ok[i]), ("gradient", ok[n + i])):
@@ -555,7 +560,7 @@ class DualAveraging(torch.optim.Optimizer):
         logit = math.log(budget / (total - budget))
         dev = chunks[0].device
         # u >= 0, so 0 bounds every minimum: a valid (slightly wider) bracket, one reduction less
-        umax = self._reduce(torch.stack(torch._foreach_norm(chunks, math.inf)).double()).tolist()
+        umax = self._reduce(torch.stack([u.amax() for u in chunks]).double()).tolist()
         lo = min(logit / b - hi_ for b, hi_ in zip(betas, umax, strict=True))
         hi = max(logit / b for b in betas)
         tau_prev, beta_prev, _ = layers[0].mask.scalars()
@@ -566,11 +571,19 @@ class DualAveraging(torch.optim.Optimizer):
         slope = [torch.zeros((), dtype=torch.float64, device=dev)]
 
         def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            zs = torch._foreach_add(chunks, x.to(chunks[0].dtype))
-            torch._foreach_mul_(zs, betas)
-            torch._foreach_sigmoid_(zs)
-            s1 = torch.stack(torch._foreach_norm(zs, 1, dtype=torch.float64))  # sum m
-            s2 = torch.stack(torch._foreach_norm(zs, 2, dtype=torch.float64)).square()  # sum m^2
+            if dev.type == "cpu":  # float32 cascade sums and dot: the fastest passes on a CPU
+                xf = float(x)
+                parts = []
+                for u, b in zip(chunks, betas, strict=True):
+                    m = torch.sigmoid_(torch.add(u, xf).mul_(b))
+                    parts.append(torch.stack([m.sum(), torch.dot(m, m)]))
+                s1, s2 = torch.stack(parts).double().unbind(1)
+            else:  # few kernel launches: multi-tensor ops
+                zs = torch._foreach_add(chunks, x.to(chunks[0].dtype))
+                torch._foreach_mul_(zs, betas)
+                torch._foreach_sigmoid_(zs)
+                s1 = torch.stack(torch._foreach_norm(zs, 1, dtype=torch.float64))  # sum m
+                s2 = torch.stack(torch._foreach_norm(zs, 2, dtype=torch.float64)).square()
             sums = self._reduce(torch.stack([(cost_t * s1).sum(), (slope_w * (s1 - s2)).sum()]))
             slope[0] = sums[1]
             return sums[0] - budget, sums[1]
