@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("spartan-uniform", "Spartan (uniform)", ("--method", "spartan", "--policy", "uniform")),
     Variant("spartan-erk", "Spartan (ERK)", ("--method", "spartan", "--policy", "erk")),
     Variant(
-        "spartan-4x4", "Spartan (global, 4x4 blocks)", ("--method", "spartan", "--block", "4x4")
+        "spartan-4x4",
+        "Spartan (global, 4x4 blocks; stem conv and fc unmasked)",
+        # 4 divides neither the stem's single input channel nor the fc's 10 outputs
+        ("--method", "spartan", "--block", "4x4", "--exclude", r"^stem\.", "--exclude", "^fc$"),
     ),
 )
 """The rows of the comparison, in table order."""
@@ -169,7 +173,14 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def _variant_of(result: dict[str, Any]) -> str:
-    return result["name"].rsplit("-s", 1)[0].rsplit("-seed", 1)[0]
+    """``spartan-erk`` from a run named ``spartan-erk-s95-seed0`` (see :attr:`Run.name`)."""
+    match = re.fullmatch(r"(.+)-s\d+-seed\d+", result["name"])
+    if match is None:
+        raise ValueError(
+            f"run file {result['name']!r} does not follow <variant>-s<percent>-seed<seed>; "
+            "remove it from the runs directory"
+        )
+    return match.group(1)
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,7 +216,16 @@ def _label(variant: str) -> str:
 
 def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     c = results[0]["config"]
-    env = results[0]["environment"]
+    machines: dict[str, list[float]] = {}
+    for r in results:
+        env = r["environment"]
+        key = f"{env['cpu_count']}-core CPU, torch {env['torch']}"
+        machines.setdefault(key, []).append(r["time_s"]["total"])
+    where = "; ".join(
+        f"{len(t)} runs on a {k} (mean {statistics.fmean(t):.0f} s per run)"
+        for k, t in machines.items()
+    )
+    flags = {k: v for k, v in settings.items() if v is not None and k != "data_dir"}
     return (
         f"Model: SmallResNet widths {tuple(c['widths'])}, {c['blocks']} block(s) per stage, "
         f"{results[0]['params']} parameters. Training: {c['epochs']} epochs on a random subset "
@@ -216,8 +236,8 @@ def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> s
         "test set, after `ts.finalize`. Sparse runs use `ts.DualAveraging` defaults (density "
         "1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen in the last 20%); "
         "sparsity counts all parameters (BatchNorm included). "
-        f"Each run: one process, {env['threads']} thread(s), torch {env['torch']}, "
-        f"{env['cpu_count']}-core CPU; flags {settings}."
+        f"Each run is one process with {results[0]['environment']['threads']} thread(s): "
+        f"{where}. Shared flags: {flags}."
     )
 
 
@@ -309,6 +329,17 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
             capsize=3,
             label=_label(variant),
         )
+    floor = 60.0  # keep the interesting range readable; points below are marked at the floor
+    for r in rows:
+        if r["target_sparsity"] > 0 and 100 * r["accuracy_mean"] < floor:
+            ax.annotate(
+                f"{_label(r['variant']).split(' (')[0]}: {100 * r['accuracy_mean']:.1f}%",
+                xy=(100 * r["target_sparsity"], floor),
+                xytext=(100 * r["target_sparsity"] - 1.2, floor + 3),
+                fontsize=7,
+                arrowprops={"arrowstyle": "->", "linewidth": 0.7},
+            )
+    ax.set_ylim(bottom=floor)
     ax.set_xlabel("sparsity (% of all parameters)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST, SmallResNet: accuracy vs sparsity (mean +- std over seeds)")
@@ -328,6 +359,7 @@ def plot_mask_change(curves: dict[str, list[float]], path: Path, window: int = 1
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    total = 0
     for variant in ("spartan", "topkast", "gmp"):
         curve = curves.get(variant)
         if not curve:
@@ -338,13 +370,13 @@ def plot_mask_change(curves: dict[str, list[float]], path: Path, window: int = 1
         steps = list(range(1, len(curve) + 1))
         ax.plot(steps, [v if v > 0 else float("nan") for v in smoothed], label=_label(variant))
         total = len(curve)
-    if curves:
+    if total:
         ax.axvspan(0, 0.2 * total, color="tab:blue", alpha=0.06, label="density ramp (20%)")
         ax.axvspan(0.8 * total, total, color="tab:gray", alpha=0.12, label="mask frozen (20%)")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"fraction of mask entries changed (moving avg, {window} steps)")
-    ax.set_title("Mask changes per step at 95% sparsity (mean over seeds)")
+    ax.set_title("Mask changes per step at 95% sparsity (mean over seeds; 0 once frozen)")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
