@@ -335,7 +335,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
             ax.annotate(
                 f"{_label(r['variant']).split(' (')[0]}: {100 * r['accuracy_mean']:.1f}%",
                 xy=(100 * r["target_sparsity"], floor),
-                xytext=(100 * r["target_sparsity"] - 1.2, floor + 3),
+                xytext=(100 * r["target_sparsity"] - 3.0, floor + 3),
                 fontsize=7,
                 arrowprops={"arrowstyle": "->", "linewidth": 0.7},
             )
