@@ -281,6 +281,16 @@ def test_soft_topk_function_apply_without_validation_extras() -> None:
     assert v.grad is not None and float(v.grad.abs().max()) < 1e-9  # the budget is fixed
 
 
+@pytest.mark.parametrize("beta, most", [(1e3, 12), (1e5, 30)])
+def test_soft_float32_sharp_beta_stops_at_float32_resolution(beta: float, most: int) -> None:
+    # with a sharp beta the float32 residual cannot reach tol; the solve must stop once the
+    # bracket on mu is below float32 resolution instead of bisecting float64 digits
+    v = make_values(12, (20_000,), "uniform", torch.float32)
+    r = ts.soft_topk(v, 500.5, beta, return_result=True)
+    assert r.iterations <= most  # bisecting to float64 resolution would take about 50
+    assert float(r.budget_error) <= 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # soft top-k: low precision and warm start
 

@@ -24,12 +24,15 @@ def safeguarded_newton(
     target: torch.Tensor,
     tol: float,
     max_iter: int,
+    *,
+    resolution: float = 8 * torch.finfo(torch.float64).eps,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Solve ``f(x) = 0`` for increasing ``f`` with ``f(lo) <= 0 <= f(hi)``, all float64.
 
     ``evaluate(x)`` returns ``(f(x), f'(x))``. Stops when ``|f| <= tol * target`` everywhere, when
-    the bracket has shrunk to floating-point resolution (the tolerance is not attainable at this
-    precision), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
+    the bracket has shrunk to ``resolution * (1 + |x|)`` (the tolerance is not attainable at the
+    precision ``f`` is computed in: pass e.g. ``8 * finfo(float32).eps`` when ``evaluate`` works in
+    float32), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
     synchronisation) runs every fourth iteration only.
 
     Returns ``(x, f(x), evaluations)``.
@@ -40,8 +43,8 @@ def safeguarded_newton(
     while True:
         if evaluations % check_every == 0 or evaluations >= max_iter:
             converged = f.abs() <= tol * target
-            resolution = (hi - lo) <= 8 * torch.finfo(torch.float64).eps * (1 + x.abs())
-            if bool((converged | resolution).all()) or evaluations >= max_iter:
+            resolved = (hi - lo) <= resolution * (1 + x.abs())
+            if bool((converged | resolved).all()) or evaluations >= max_iter:
                 return x, f, evaluations
         lo = torch.where(f <= 0, x, lo)
         hi = torch.where(f >= 0, x, hi)

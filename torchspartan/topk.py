@@ -299,7 +299,12 @@ def _solve_soft(
             torch.addcmul(m, m, m, value=-1, out=a).mul_(c)
         return f, a.sum(-1).to(torch.float64)
 
-    mu, f, evaluations = safeguarded_newton(evaluate, x0, lo, hi, budget, tol, max_iter)
+    # The sigmoid's argument beta * u + mu is rounded to the compute dtype: a bracket on mu
+    # narrower than that rounding cannot improve the residual.
+    resolution = 8 * torch.finfo(cdt).eps
+    mu, f, evaluations = safeguarded_newton(
+        evaluate, x0, lo, hi, budget, tol, max_iter, resolution=resolution
+    )
     return m, mu, evaluations, f.abs() / budget
 
 
