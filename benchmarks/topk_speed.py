@@ -10,8 +10,8 @@ hard_topk <= 0.2x sort, and time linear in d.
 
 Method: each operation runs once to warm up, then ``--repeats`` times; the median wall time is
 reported (CPU, so no synchronisation is needed; on CUDA the script synchronises). The 50 chunks
-are separate tensors of equal cost, so ``select_top_budget`` copies them into one buffer first;
-the "no grouping" row forces its other path (one kernel per chunk and pass, no copy). Scores are
+are separate tensors of equal cost; ``select_top_budget`` runs one kernel per chunk and pass on
+CPU by default (no copy), and the "group=True" row copies them into one buffer first. Scores are
 ``|N(0, 1)|``, budget 10% of the entries (90% sparsity), beta = 10. The warm start solves the
 scores, then times the forward on ``scores * 1.001`` with ``mu_init`` from the first solve.
 
@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 import torchspartan as ts
-import torchspartan._select as select_module
 from torchspartan._select import select_top_budget
 
 RESULT = Path(__file__).parent / "results" / "topk_speed.md"
@@ -112,14 +111,9 @@ def run_size(d: int, repeats: int, device: torch.device) -> dict[str, float]:
     times[f"select_top_budget ({N_CHUNKS} chunks)"] = measure(
         lambda: select_top_budget(chunks, costs, budget), repeats, device
     )
-    saved = select_module._GROUP_MIN_CHUNKS
-    select_module._GROUP_MIN_CHUNKS = len(chunks) + 1  # force one kernel per chunk and pass
-    try:
-        times[f"select_top_budget ({N_CHUNKS} chunks, no grouping)"] = measure(
-            lambda: select_top_budget(chunks, costs, budget), repeats, device
-        )
-    finally:
-        select_module._GROUP_MIN_CHUNKS = saved
+    times[f"select_top_budget ({N_CHUNKS} chunks, group=True)"] = measure(
+        lambda: select_top_budget(chunks, costs, budget, group=True), repeats, device
+    )
     _, threshold = select_top_budget(chunks, costs, budget)
     near_chunks = [c * 1.001 for c in chunks]
     times[f"select_top_budget ({N_CHUNKS} chunks, hint)"] = measure(
@@ -144,7 +138,7 @@ def fits(d: int, device: torch.device) -> bool:
 
 OPS = ["soft cold fwd+bwd", "soft cold fwd", "soft warm fwd", "hard_topk",
        f"select_top_budget ({N_CHUNKS} chunks)", f"select_top_budget ({N_CHUNKS} chunks, hint)",
-       f"select_top_budget ({N_CHUNKS} chunks, no grouping)"]
+       f"select_top_budget ({N_CHUNKS} chunks, group=True)"]
 
 
 def main_table(d: int, t: dict[str, float]) -> list[str]:

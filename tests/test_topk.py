@@ -393,7 +393,7 @@ def test_hard_topk_unit_costs_keeps_round_budget_entries_on_long_row() -> None:
 
 @st.composite
 def chunked_problems(draw: st.DrawFn) -> tuple[list[torch.Tensor], list[float], float]:
-    # up to 12 chunks: with few distinct costs, 8 or more are concatenated per cost group
+    # up to 12 chunks: with few distinct costs and group=True, 8 or more are concatenated
     n_chunks = draw(st.integers(1, 12))
     seed = draw(st.integers(0, 2**16))
     kind = draw(st.sampled_from(["uniform", "ties"]))
@@ -418,10 +418,10 @@ def concatenated(chunks: list[torch.Tensor], costs: list[float]) -> tuple[torch.
 
 
 @given(chunked_problems(), st.booleans(),
-       st.sampled_from([None, 0.0, 0.5, 2.0, 1e9, math.nan]))
+       st.sampled_from([None, 0.0, 0.5, 2.0, 1e9, math.nan]), st.sampled_from([None, True]))
 def test_select_top_budget_equals_hard_topk_on_concatenation(
     problem: tuple[list[torch.Tensor], list[float], float], small_sample: bool,
-    hint: float | None,
+    hint: float | None, group: bool | None,
 ) -> None:
     chunks, costs, budget = problem
     values, c = concatenated(chunks, costs)
@@ -431,7 +431,7 @@ def test_select_top_budget_equals_hard_topk_on_concatenation(
     try:
         if small_sample:  # exercise the retries and the recursive narrowing
             select_module._SAMPLE_SIZE, select_module._MAX_SORTED = 4, 2
-        masks, threshold = select_top_budget(chunks, costs, budget, hint)
+        masks, threshold = select_top_budget(chunks, costs, budget, hint, group=group)
     finally:
         select_module._SAMPLE_SIZE, select_module._MAX_SORTED = saved
     assert [m.shape for m in masks] == [t.shape for t in chunks]
@@ -481,6 +481,7 @@ def test_select_top_budget_large_and_budget_edges() -> None:
     assert all(bool(m.all()) for m in masks) and threshold == float(values.min())
 
 
+@pytest.mark.parametrize("group", [None, True])
 @pytest.mark.parametrize(
     "chunks, costs, budget, error, match",
     [
@@ -497,9 +498,9 @@ def test_select_top_budget_large_and_budget_edges() -> None:
     ],
 )
 def test_select_top_budget_rejects_bad_input(chunks: list, costs: list, budget: float,
-                                             error: type, match: str) -> None:
+                                             error: type, match: str, group: bool | None) -> None:
     with pytest.raises(error, match=match):
-        select_top_budget(chunks, costs, budget)
+        select_top_budget(chunks, costs, budget, group=group)
 
 
 # ---------------------------------------------------------------------------------------------

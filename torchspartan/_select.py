@@ -42,8 +42,8 @@ _Z = 5.0
 # Relative half-width of the window around a warm-start hint.
 _HINT_WIDTH = 2.0**-8
 _MAX_DEPTH = 4
-# With at least this many chunks and four times fewer (cost, dtype) groups, chunks are
-# concatenated per group (see _select_grouped).
+# With ``group`` and at least this many chunks and four times fewer (cost, dtype) groups, chunks
+# are concatenated per group (see _select_grouped).
 _GROUP_MIN_CHUNKS = 8
 
 Cost = float | torch.Tensor
@@ -56,6 +56,7 @@ def select_top_budget(
     hint: float | None = None,
     *,
     check: bool = True,
+    group: bool | None = None,
 ) -> tuple[list[torch.Tensor], float]:
     """Hard top-k with a budget over several tensors at once, with no sort of all entries.
 
@@ -64,9 +65,9 @@ def select_top_budget(
     the cost of the entries before it plus half its own cost is ``<= budget``. This equals
     :func:`torchspartan.hard_topk` on the concatenation of the flattened chunks with per-entry
     costs ``costs[i]`` repeated over ``chunks[i]``. Cost: a few elementwise passes plus a sort of
-    the few entries near the boundary. Many chunks sharing few (cost, dtype) pairs (8 or more
-    chunks, at least 4 per pair on average) are first copied into one buffer per pair, so each
-    pass is one kernel instead of one per chunk; otherwise nothing is copied.
+    the few entries near the boundary. Nothing is copied, unless ``group`` asks to copy many
+    chunks sharing few (cost, dtype) pairs into one buffer per pair, so that each pass is one
+    kernel instead of one per chunk.
 
     Args:
         chunks: tensors of unit values ``u >= 0`` (any shapes, floating dtypes, one device).
@@ -75,6 +76,11 @@ def select_top_budget(
         hint: the threshold returned by a previous call on similar values (e.g. the previous
             training step); it narrows the first window. Any value is safe.
         check: validate the values (one extra read pass detecting NaN, Inf and negatives).
+        group: copy chunks into one buffer per (cost, dtype) when there are 8 or more chunks and
+            at least 4 per pair on average. ``None`` (default) groups on CUDA, where the copy is
+            cheap and it saves a host synchronisation per chunk, and not on CPU, where the copy
+            costs more than the kernels it saves (except on an oversubscribed CPU, where every
+            multi-threaded kernel waits for a descheduled thread: there ``group=True`` helps).
 
     Returns:
         ``(masks, threshold)``: one bool tensor per chunk, of its shape, True for kept entries;
@@ -119,7 +125,9 @@ def select_top_budget(
     for k, (u, c) in enumerate(zip(flat, cost_list, strict=True)):
         if u.numel():
             groups.setdefault((c, u.dtype), []).append(k)
-    if len(flat) >= _GROUP_MIN_CHUNKS and len(groups) * 4 <= len(flat):
+    if group is None:
+        group = flat[0].is_cuda
+    if group and len(flat) >= _GROUP_MIN_CHUNKS and len(groups) * 4 <= len(flat):
         return _select_grouped(chunks, flat, groups, budget, hint, check)
     if check:
         _check_values(flat)
