@@ -79,10 +79,10 @@ class _LayerSpec:
     method: str  # "spartan", "topkast", "gmp" or "masked" (fine-tuning / fixed)
     sizes: tuple[int, ...]
     hard: torch.Tensor  # bool, block-grid shape
-    beta: float  # 0 disables the soft mask (m = 1)
-    cost: float  # cost of one block entry
-    soft: bool
-    tau: float  # the threshold of the soft mask
+    beta: torch.Tensor  # 0-dim; 0 disables the soft mask (m = 1)
+    cost: torch.Tensor  # 0-dim; cost of one block entry
+    soft: bool  # beta > 0, kept as a Python flag (no host sync, a stable compile guard)
+    tau: torch.Tensor  # 0-dim; the threshold of the soft mask
 
 
 def soft_mask(theta: torch.Tensor, spec: _LayerSpec) -> torch.Tensor:
@@ -90,7 +90,7 @@ def soft_mask(theta: torch.Tensor, spec: _LayerSpec) -> torch.Tensor:
     v = block_reduce(theta.detach().abs(), spec.sizes)
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
-    return torch.sigmoid_(v.mul_(spec.beta / spec.cost).sub_(spec.beta * spec.tau))
+    return torch.sigmoid_(v.mul_(spec.beta / spec.cost).sub_(spec.beta * spec.tau.detach()))
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -151,14 +151,14 @@ class _SharedThreshold(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_tau: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g = float(grad_tau) / ctx.total_slope
+        g = grad_tau / ctx.total_slope
         out: list[torch.Tensor | None] = [None, None, None]
         for theta, spec in zip(ctx.thetas, ctx.specs, strict=True):
             if not spec.soft:
                 out.append(None)
                 continue
             m = soft_mask(theta, spec)
-            dv = m.mul_(1 - m).mul_(g * spec.beta)
+            dv = m.mul_(1 - m).mul_((g * spec.beta).to(m.dtype))
             out.append(block_expand(dv, spec.sizes).to(theta.dtype).mul_(torch.sign(theta)))
         return tuple(out)
 
@@ -225,10 +225,12 @@ class SpartanMask(nn.Module):
         self._initial_mask = mask
         self._problem: _Problem | None = None
         self.frozen = False
+        self.soft_active = False
         self.register_buffer("hard_mask", None)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("beta", torch.zeros((), dtype=torch.float64))
         self.register_buffer("cost", torch.ones((), dtype=torch.float64))
+        self.register_load_state_dict_post_hook(self._refresh_soft_flag)
 
     # -- parametrization protocol -------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
@@ -262,7 +264,7 @@ class SpartanMask(nn.Module):
             and torch.is_grad_enabled()
             and theta.requires_grad
         ):
-            tau: torch.Tensor | None = problem.shared_threshold()
+            tau: torch.Tensor | None = problem.shared_threshold()  # compiler-disabled
         else:
             tau = None
         return _MaskedWeight.apply(theta, tau, spec)
@@ -297,9 +299,18 @@ class SpartanMask(nn.Module):
 
     def layer_spec(self) -> _LayerSpec:
         sizes = block_sizes(self.hard_mask.shape, self.block)
-        tau, beta, cost = self.scalars()
         method = "masked" if (self.frozen or self.method == "fixed") else self.method
-        return _LayerSpec(method, sizes, self.hard_mask, beta, cost, beta > 0, tau)
+        return _LayerSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
+                          self.threshold)
+
+    def set_soft(self, beta: float, tau: float = 0.0) -> None:
+        """Set the soft mask's sharpness (0 turns it off) and threshold; used by the optimizer."""
+        self.beta.fill_(beta)
+        self.threshold.fill_(tau)
+        self.soft_active = beta > 0
+
+    def _refresh_soft_flag(self, *_: Any) -> None:
+        self.soft_active = bool(self.beta > 0)
 
     def extra_repr(self) -> str:
         s = f"method={self.method!r}"

@@ -104,6 +104,7 @@ class _Problem:
         for layer in layers:
             layer.mask._problem = self
 
+    @torch.compiler.disable
     def shared_threshold(self) -> torch.Tensor:
         """The autograd node carrying ``tau``; one per step, shared by all forward passes."""
         key = tuple(layer.theta._version for layer in self.layers) + tuple(
@@ -419,7 +420,7 @@ class DualAveraging(torch.optim.Optimizer):
             for i in self._alloc_idx:
                 mask = self._layers[i].mask
                 mask.hard_mask = torch.ones_like(mask.hard_mask)
-                mask.beta.zero_()
+                mask.set_soft(0.0)
         else:
             units = self._unit_values(self._alloc_idx)
             for alloc in self.policy.allocate(self._infos, alloc_density):
@@ -525,7 +526,7 @@ class DualAveraging(torch.optim.Optimizer):
             keep_all = budget > 0
             for ly in layers:
                 ly.mask.hard_mask = torch.full_like(ly.mask.hard_mask, keep_all)
-                ly.mask.beta.zero_()
+                ly.mask.set_soft(0.0)
             return {i: self._layers[i].mask.hard_mask for i in idx}, 0, 0.0
         masks, threshold = select_top_budget(chunks, costs, budget, self._hints.get(idx))
         if math.isfinite(threshold):
@@ -536,13 +537,12 @@ class DualAveraging(torch.optim.Optimizer):
         if any(ly.mask.method == "spartan" for ly in layers):
             tau, slope, its, err = self._solve_soft(layers, chunks, costs, betas, budget, total)
             for ly, b in zip(layers, betas, strict=True):
-                ly.mask.threshold.fill_(tau)
-                ly.mask.beta.fill_(b)
+                ly.mask.set_soft(b, tau)
             problem = _Problem(layers, tau, slope)
             problem.iterations, problem.budget_error = its, err
         else:
             for ly in layers:
-                ly.mask.beta.zero_()
+                ly.mask.set_soft(0.0)
             problem = _Problem(layers, 0.0, 1.0)
             problem.iterations, problem.budget_error = 0, 0.0
         self._problems.append(problem)
@@ -607,7 +607,7 @@ class DualAveraging(torch.optim.Optimizer):
                 ly.theta.mul_((m * h).to(ly.theta.dtype))
             else:
                 ly.theta.mul_(h)
-            ly.mask.beta.zero_()
+            ly.mask.set_soft(0.0, float(ly.mask.threshold))
             ly.mask.frozen = True
         for p in self._problems:
             p.release()
