@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -294,7 +295,16 @@ def test_subset_is_deterministic() -> None:
 # --- the training script on the tiny digits set ------------------------------------------------
 
 
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """The script sets torch's thread count; put it back for the other tests."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("method", ["dense", "spartan", "gmp"])
+@pytest.mark.usefixtures("restore_threads")
 def test_training_script_on_digits(tmp_path: Path, method: str) -> None:
     """End to end on sklearn digits: trains, finalises, reports exact sparsity, writes the JSON."""
     pytest.importorskip("sklearn")
@@ -304,7 +314,8 @@ def test_training_script_on_digits(tmp_path: Path, method: str) -> None:
 
     out = tmp_path / "run.json"
     argv = ["--dataset", "digits", "--method", method, "--epochs", "2", "--batch-size", "64"]
-    argv += ["--widths", "8,16,32", "--sparsity", "0.9", "--no-progress", "--out", str(out)]
+    argv += ["--widths", "8,16,32", "--sparsity", "0.9", "--threads", "1"]
+    argv += ["--no-progress", "--out", str(out)]
     result = main(argv)
     saved = json.loads(out.read_text())
     assert saved["test_accuracy"] == result["test_accuracy"] > 0.3  # well above chance (0.1)
