@@ -85,12 +85,18 @@ class _LayerSpec:
     tau: torch.Tensor  # 0-dim; the threshold of the soft mask
 
 
+def _is_plain(theta: torch.Tensor, spec: _LayerSpec) -> bool:
+    """Unstructured float32/float64 weight: the fused in-place paths apply."""
+    return theta.dtype in (torch.float32, torch.float64) and all(s == 1 for s in spec.sizes)
+
+
 def soft_mask(theta: torch.Tensor, spec: _LayerSpec) -> torch.Tensor:
     """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape."""
     v = block_reduce(theta.detach().abs(), spec.sizes)
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
-    return torch.sigmoid_(v.mul_(spec.beta / spec.cost).sub_(spec.beta * spec.tau.detach()))
+    z = torch.addcmul(-spec.beta * spec.tau.detach(), v, spec.beta / spec.cost, out=v)
+    return torch.sigmoid_(z)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -105,6 +111,8 @@ class _MaskedWeight(torch.autograd.Function):
         h = block_expand(spec.hard, spec.sizes)
         if spec.method == "spartan" and spec.soft:
             m = soft_mask(theta, spec)
+            if _is_plain(theta, spec):  # in place: 5 passes in all, no extra temporary
+                return m.mul_(h).mul_(theta)
             return (block_expand(m, spec.sizes) * h).to(theta.dtype).mul_(theta)
         return theta * h
 
@@ -114,6 +122,14 @@ class _MaskedWeight(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         (theta,) = ctx.saved_tensors
         spec: _LayerSpec = ctx.spec
+        if spec.method == "spartan" and spec.soft and _is_plain(theta, spec):
+            # dL/dtheta = g m + (beta/c) a g |theta|,  dL/dtau = -beta sum(a g theta), with
+            # a = m (1 - m): 10 passes and two allocations (one is the result).
+            m = soft_mask(theta, spec)
+            b = torch.addcmul(m, m, m, value=-1).mul_(grad).mul_(theta)  # a g theta
+            grad_tau = (-spec.beta * b.sum()).reshape(()) if ctx.needs_input_grad[1] else None
+            torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
+            return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
         if spec.method == "spartan" and spec.soft:
             m = soft_mask(theta, spec)
             g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm
@@ -158,6 +174,10 @@ class _SharedThreshold(torch.autograd.Function):
                 out.append(None)
                 continue
             m = soft_mask(theta, spec)
+            if _is_plain(theta, spec):  # beta G / S * m (1 - m) * sign(theta): 6 passes
+                a = m.addcmul_(m, m, value=-1)
+                out.append(torch.copysign(a, theta, out=a).mul_(g * spec.beta))
+                continue
             dv = m.mul_(1 - m).mul_((g * spec.beta).to(m.dtype))
             out.append(block_expand(dv, spec.sizes).to(theta.dtype).mul_(torch.sign(theta)))
         return tuple(out)

@@ -569,13 +569,16 @@ class DualAveraging(torch.optim.Optimizer):
         cost_t = torch.tensor(costs, dtype=torch.float64, device=dev)
         slope_w = cost_t * torch.tensor(betas, dtype=torch.float64, device=dev)
         slope = [torch.zeros((), dtype=torch.float64, device=dev)]
+        work: list[torch.Tensor] = []
 
         def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if dev.type == "cpu":  # float32 cascade sums and dot: the fastest passes on a CPU
                 xf = float(x)
                 parts = []
-                for u, b in zip(chunks, betas, strict=True):
-                    m = torch.sigmoid_(torch.add(u, xf).mul_(b))
+                if not work:  # one workspace per chunk, reused by every evaluation
+                    work.extend(torch.empty_like(u) for u in chunks)
+                for u, b, m in zip(chunks, betas, work, strict=True):
+                    torch.sigmoid_(torch.add(u, xf, out=m).mul_(b))
                     parts.append(torch.stack([m.sum(), torch.dot(m, m)]))
                 s1, s2 = torch.stack(parts).double().unbind(1)
             else:  # few kernel launches: multi-tensor ops
