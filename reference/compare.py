@@ -279,6 +279,7 @@ def write_markdown(
             )
         lines.append(f"| {_label(variant)} | " + " | ".join(cells) + " |")
     times = [r["time_s"]["total"] for r in results]
+    lines += ["", *_collapse_notes(results)]
     lines += [
         "",
         f"{len(results)} runs, {sum(times) / 60:.1f} min of process time in all "
@@ -289,6 +290,33 @@ def write_markdown(
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def collapsed_layers(result: dict[str, Any]) -> list[str]:
+    """Weights left entirely zero after finalisation (a layer collapse), from the run's report."""
+    names = []
+    for line in result.get("sparsity_report", "").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].endswith(".weight") and fields[-1] == "100.00%":
+            names.append(fields[0].removesuffix(".weight"))
+    return names
+
+
+def _collapse_notes(results: list[dict[str, Any]]) -> list[str]:
+    groups: dict[str, list[str]] = {}
+    for r in results:
+        layers = collapsed_layers(r)
+        if layers:
+            groups.setdefault(r["name"].rsplit("-seed", 1)[0], []).append(
+                f"seed {r['config']['seed']}: {', '.join(layers)}"
+            )
+    if not groups:
+        return ["No run ended with a fully pruned layer."]
+    lines = [
+        "Runs that ended with entirely pruned layers (layer collapse), from `ts.sparsity_report`:"
+    ]
+    lines += [f"- {name}: " + "; ".join(entries) for name, entries in sorted(groups.items())]
+    return lines
 
 
 def mask_change_curves(
