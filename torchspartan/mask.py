@@ -72,6 +72,23 @@ def block_expand(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     return y.reshape(inter).expand(full).reshape(out)
 
 
+def _interleaved(shape: Sequence[int], sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    inter: list[int] = []
+    grid: list[int] = []
+    for n, s in zip(shape, sizes, strict=True):
+        inter += [n // s, s]
+        grid += [n // s, 1]
+    return inter, grid
+
+
+def block_mul(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``x * block_expand(y)`` by broadcasting over a blocked view: no expanded copy of ``y``."""
+    if all(s == 1 for s in sizes):
+        return x * y
+    inter, grid = _interleaved(x.shape, sizes)
+    return (x.reshape(inter) * y.reshape(grid)).reshape(x.shape)
+
+
 @dataclass
 class _LayerSpec:
     """Everything the weight function needs for one layer at one step (no big tensors copied)."""
@@ -108,13 +125,12 @@ class _MaskedWeight(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.spec = spec
         ctx.save_for_backward(theta)
-        h = block_expand(spec.hard, spec.sizes)
         if spec.method == "spartan" and spec.soft:
             m = soft_mask(theta, spec)
             if _is_plain(theta, spec):  # in place: 5 passes in all, no extra temporary
-                return m.mul_(h).mul_(theta)
-            return (block_expand(m, spec.sizes) * h).to(theta.dtype).mul_(theta)
-        return theta * h
+                return m.mul_(spec.hard).mul_(theta)
+            return block_mul(theta, m.mul_(spec.hard), spec.sizes).to(theta.dtype)
+        return block_mul(theta, spec.hard, spec.sizes)
 
     @staticmethod
     def backward(
@@ -130,19 +146,21 @@ class _MaskedWeight(torch.autograd.Function):
             grad_tau = (-spec.beta * b.sum()).reshape(()) if ctx.needs_input_grad[1] else None
             torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
             return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
-        if spec.method == "spartan" and spec.soft:
+        if spec.method == "spartan" and spec.soft:  # blocks or low precision, block-grid m
             m = soft_mask(theta, spec)
             g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm
             a = m * (1 - m)
             ba_gm = a.mul_(g_m).mul_(spec.beta)  # beta * a * g_m
             grad_tau = -ba_gm.sum(dtype=torch.float64)
-            dv = block_expand(ba_gm.div_(spec.cost), spec.sizes).to(theta.dtype)
-            grad_theta = grad * block_expand(m, spec.sizes).to(grad.dtype)
-            grad_theta.addcmul_(dv, torch.sign(theta))
-            return grad_theta, grad_tau.reshape(()) if ctx.needs_input_grad[1] else None, None
+            dv = ba_gm.div_(spec.cost)  # dL/dv, block grid
+            inter, grid = _interleaved(theta.shape, spec.sizes)
+            grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
+                torch.sign(theta).reshape(inter), dv.reshape(grid))
+            return (grad_theta.reshape(theta.shape).to(grad.dtype),
+                    grad_tau.reshape(()) if ctx.needs_input_grad[1] else None, None)
         if spec.method == "topkast":
             return grad, None, None
-        return grad * block_expand(spec.hard, spec.sizes), None, None
+        return block_mul(grad, spec.hard, spec.sizes), None, None
 
 
 class _SharedThreshold(torch.autograd.Function):
@@ -179,7 +197,7 @@ class _SharedThreshold(torch.autograd.Function):
                 out.append(torch.copysign(a, theta, out=a).mul_(g * spec.beta))
                 continue
             dv = m.mul_(1 - m).mul_((g * spec.beta).to(m.dtype))
-            out.append(block_expand(dv, spec.sizes).to(theta.dtype).mul_(torch.sign(theta)))
+            out.append(block_mul(torch.sign(theta), dv, spec.sizes).to(theta.dtype))
         return tuple(out)
 
 

@@ -34,6 +34,7 @@ from torchspartan.mask import (
     _parametrized_masks,
     _SharedThreshold,
     block_expand,
+    block_mul,
     block_reduce,
     soft_mask,
 )
@@ -604,12 +605,11 @@ class DualAveraging(torch.optim.Optimizer):
         """Freeze the masks: ``theta <- theta * m * h`` once, then masked training."""
         for ly in self._layers:
             spec = ly.mask.layer_spec()
-            h = block_expand(spec.hard, spec.sizes)
             if spec.method == "spartan" and spec.soft:
-                m = block_expand(soft_mask(ly.theta, spec), spec.sizes)
-                ly.theta.mul_((m * h).to(ly.theta.dtype))
+                factor = soft_mask(ly.theta, spec).mul_(spec.hard)
             else:
-                ly.theta.mul_(h)
+                factor = spec.hard
+            ly.theta.copy_(block_mul(ly.theta, factor, spec.sizes))
             ly.mask.set_soft(0.0, float(ly.mask.threshold))
             ly.mask.frozen = True
         for p in self._problems:
