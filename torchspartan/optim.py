@@ -272,7 +272,9 @@ class DualAveraging(torch.optim.Optimizer):
         self._step = 0
         self._frozen = False
         self._problems: list[_Problem] = []
-        self._hints: dict[tuple[int, ...], float] = {}
+        # the last two hard thresholds per problem: a linear extrapolation guesses the next one
+        # (the selection is exact whatever the guess; a good one saves passes over the scores)
+        self._hints: dict[tuple[int, ...], list[float]] = {}
         self.last_record: StepRecord | None = None
         self._update_masks()
 
@@ -529,9 +531,13 @@ class DualAveraging(torch.optim.Optimizer):
                 ly.mask.hard_mask = torch.full_like(ly.mask.hard_mask, keep_all)
                 ly.mask.set_soft(0.0)
             return {i: self._layers[i].mask.hard_mask for i in idx}, 0, 0.0
-        masks, threshold = select_top_budget(chunks, costs, budget, self._hints.get(idx))
+        past = self._hints.get(idx, [])
+        hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
+        if hint is not None and not hint > 0:
+            hint = past[-1]
+        masks, threshold = select_top_budget(chunks, costs, budget, hint)
         if math.isfinite(threshold):
-            self._hints[idx] = threshold
+            self._hints[idx] = (past + [threshold])[-2:]
         for ly, m in zip(layers, masks, strict=True):
             ly.mask.hard_mask = m.reshape(ly.mask.hard_mask.shape)
         betas = [beta_t * math.sqrt(ly.mask.block_numel) for ly in layers]
@@ -691,7 +697,10 @@ class DualAveraging(torch.optim.Optimizer):
             layers = [self._layers[i] for i in entry["layers"]]
             self._problems.append(_Problem(layers, float(entry["tau"]),
                                            float(entry["total_slope"])))
-        self._hints = {tuple(k): float(v) for k, v in spartan.get("hints", [])}
+        self._hints = {
+            tuple(k): [float(x) for x in (v if isinstance(v, list) else [v])]
+            for k, v in spartan.get("hints", [])
+        }
         rec = spartan.get("last_record")
         self.last_record = StepRecord(**rec) if rec else None
 
