@@ -280,6 +280,9 @@ def write_markdown(
         lines.append(f"| {_label(variant)} | " + " | ".join(cells) + " |")
     times = [r["time_s"]["total"] for r in results]
     lines += ["", *_collapse_notes(results)]
+    notes = path.with_name(path.stem + "_notes.md")  # hand-written provenance and analysis
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
     lines += [
         "",
         f"{len(results)} runs, {sum(times) / 60:.1f} min of process time in all "
