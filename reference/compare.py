@@ -343,7 +343,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for variant in dict.fromkeys(r["variant"] for r in rows):
         pts = [r for r in rows if r["variant"] == variant]
         if pts[0]["target_sparsity"] == 0.0:
@@ -361,14 +361,17 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
             label=_label(variant),
         )
     floor = 60.0  # keep the interesting range readable; points below are marked at the floor
+    stacked: dict[float, int] = {}
     for r in rows:
+        x = 100 * r["target_sparsity"]
         if r["target_sparsity"] > 0 and 100 * r["accuracy_mean"] < floor:
+            k = stacked[x] = stacked.get(x, -1) + 1
             ax.annotate(
-                f"{_label(r['variant']).split(' (')[0]}: {100 * r['accuracy_mean']:.1f}%",
-                xy=(100 * r["target_sparsity"], floor),
-                xytext=(100 * r["target_sparsity"] - 3.0, floor + 3),
+                f"{r['variant']}: {100 * r['accuracy_mean']:.1f}%",
+                xy=(x, floor),
+                xytext=(x - 2.5, floor + 2 + 3 * k),
                 fontsize=7,
-                arrowprops={"arrowstyle": "->", "linewidth": 0.7},
+                arrowprops={"arrowstyle": "->", "linewidth": 0.6},
             )
     ax.set_ylim(bottom=floor)
     ax.set_xlabel("sparsity (% of all parameters)")
@@ -376,7 +379,7 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Fashion-MNIST, SmallResNet: accuracy vs sparsity (mean +- std over seeds)")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
