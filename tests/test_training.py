@@ -478,3 +478,25 @@ def test_issue_usage_resnet18_runs_as_written() -> None:
     zeros = sum(int((w == 0).sum()) for w in masked)
     assert zeros == n - math.floor(0.05 * n + 0.5)
     assert "weights (dim >= 2)" in str(ts.sparsity_report(model))
+
+
+def test_layer_collapse_warns_once_and_min_density_prevents_it() -> None:
+    def build(min_density: float) -> tuple[nn.Module, ts.DualAveraging]:
+        model = mlp()
+        with torch.no_grad():
+            model[4].weight.mul_(1e-4)  # tiny weights: the global budget drops them all
+        ts.sparsify(model, names=r"^[02]$")
+        ts.sparsify(model, names=r"^4$", min_density=min_density)
+        return model, make(model, sparsity=0.9, steps=10)
+
+    model, opt = build(0.0)
+    with pytest.warns(UserWarning, match=r"4\.weight: every entry is pruned .*min_density"):
+        train(model, opt, batches(10, (6,)))
+    assert masked_kept(model)["4.weight"] == 0
+    model, opt = build(0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, batches(10, (6,)))
+    assert masked_kept(model)["4.weight"] == 4  # floor(0.1 * 36 + 0.5)

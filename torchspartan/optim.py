@@ -272,6 +272,7 @@ class DualAveraging(torch.optim.Optimizer):
         self._step = 0
         self._frozen = False
         self._problems: list[_Problem] = []
+        self._collapsed: set[str] = set()
         # the last two hard thresholds per problem: a linear extrapolation guesses the next one
         # (the selection is exact whatever the guess; a good one saves passes over the scores)
         self._hints: dict[tuple[int, ...], list[float]] = {}
@@ -442,6 +443,15 @@ class DualAveraging(torch.optim.Optimizer):
         n = len(self._layers)
         changed = sum(c * b for c, b in zip(counts[:n], block, strict=True))
         kept = sum(c * b for c, b in zip(counts[n:], block, strict=True))
+        for ly, c in zip(self._layers, counts[n:], strict=True):
+            if c == 0 and ly.name not in self._collapsed:
+                self._collapsed.add(ly.name)
+                warnings.warn(
+                    f"{ly.name}: every entry is pruned at step {t} (layer collapse), so the "
+                    f"layer outputs only its bias; if that is not wanted, give its SpartanMask a "
+                    f"min_density (e.g. ts.sparsify(..., min_density=0.01)) or use ts.ERK()",
+                    stacklevel=3,
+                )
         self.last_record = StepRecord(
             t, kept / self._masked_numel, alloc_density, beta_t, iterations, error,
             changed / self._masked_numel, self._frozen,
