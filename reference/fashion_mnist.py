@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -38,6 +37,7 @@ import torch  # noqa: E402
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from reference.common import spartan_optimizer, warmup_cosine
 from reference.data import (
     TensorBatches,
     load_digits_datasets,
@@ -142,15 +142,7 @@ class RunConfig:
 
 def make_lr_lambda(total_steps: int, warmup: float) -> Any:
     """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
-    warmup_steps = max(1, round(warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    return warmup_cosine(max(1, round(warmup * total_steps)), total_steps)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -271,20 +263,7 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         momentum=config.momentum,
         nesterov=config.momentum > 0,
     )
-    optimizer: Any = sgd
-    if config.method != "dense":
-        policy = {"global": ts.Global, "uniform": ts.Uniform, "erk": ts.ERK}[config.policy]()
-        optimizer = ts.DualAveraging(
-            sgd,
-            model,
-            sparsity=config.sparsity,
-            total_steps=total_steps,
-            policy=policy,
-            sparsity_of=config.sparsity_of,
-            beta_target=config.beta_target,
-            anneal_fraction=config.anneal_fraction,
-            finetune_fraction=config.finetune_fraction,
-        )
+    optimizer: Any = spartan_optimizer(sgd, model, config, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, make_lr_lambda(total_steps, config.warmup))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 

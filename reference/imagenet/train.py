@@ -41,7 +41,6 @@ import datetime
 import hashlib
 import inspect
 import json
-import math
 import os
 import random
 import sys
@@ -60,6 +59,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.transforms import v2
 
 import torchspartan as ts
+from reference.common import spartan_optimizer, warmup_cosine
 from reference.imagenet.presets import PRESETS, describe_presets
 
 __all__ = ["build_parser", "main", "parse_args"]
@@ -537,18 +537,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> to
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor per optimizer step: linear warm-up from 1/warmup to 1, then cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 # --------------------------------------------------------------------------------------------
 # Hashes: masks identical on every rank, state digests for resume checks
 # --------------------------------------------------------------------------------------------
@@ -889,20 +877,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lr = args.lr * global_batch / args.lr_ref_batch if args.lr_ref_batch > 0 else args.lr
 
     base = build_optimizer(unwrapped, args, lr)
-    optimizer: torch.optim.Optimizer = base
-    if args.method != "dense":
-        policy = {"global": ts.Global, "uniform": ts.Uniform, "erk": ts.ERK}[args.policy]()
-        optimizer = ts.DualAveraging(
-            base,
-            unwrapped,
-            sparsity=args.sparsity,
-            total_steps=total_steps,
-            policy=policy,
-            beta_target=args.beta_target,
-            sparsity_of=args.sparsity_of,
-            anneal_fraction=args.anneal_fraction,
-            finetune_fraction=args.finetune_fraction,
-        )
+    optimizer = spartan_optimizer(base, unwrapped, args, total_steps)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
     scaler = (
