@@ -23,6 +23,15 @@ def finalize(model: nn.Module) -> None:
 
     Raises:
         ValueError: the model has no SpartanMask.
+
+    Example:
+        >>> import torch, torchspartan as ts
+        >>> layer = torch.nn.Linear(4, 4)
+        >>> weight = layer.weight
+        >>> _ = ts.sparsify(layer)
+        >>> ts.finalize(layer)
+        >>> layer.weight is weight, list(layer.state_dict())
+        (True, ['bias', 'weight'])
     """
     found = _parametrized_masks(model)
     if not found:
