@@ -500,3 +500,18 @@ def test_layer_collapse_warns_once_and_min_density_prevents_it() -> None:
         warnings.simplefilter("error")
         train(model, opt, batches(10, (6,)))
     assert masked_kept(model)["4.weight"] == 4  # floor(0.1 * 36 + 0.5)
+
+
+def test_dtype_casts_keep_the_mask_scalars_in_float64() -> None:
+    model = mlp(dtype=torch.float32)
+    ts.sparsify(model)
+    opt = make(model, density=ts.constant(0.3), beta=ts.constant(4.0))
+    mask = model[0].parametrizations.weight[0]
+    tau = mask.threshold.clone()
+    model.to(torch.bfloat16)
+    assert mask.threshold.dtype == torch.float64 and torch.equal(mask.threshold, tau)
+    assert model[0].parametrizations.weight.original.dtype == torch.bfloat16
+    x, y = batches(1, (6,), dtype=torch.bfloat16)[0]
+    nn.functional.cross_entropy(model(x).float(), y).backward()
+    opt.step()
+    assert opt.last_record is not None and opt.last_record.density == pytest.approx(0.3, abs=0.02)

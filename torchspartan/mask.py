@@ -307,6 +307,16 @@ class SpartanMask(nn.Module):
             tau = None
         return _MaskedWeight.apply(theta, tau, spec)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SpartanMask:
+        """``model.half()``/``.to(dtype)`` must not round tau, beta and cost: keep them float64."""
+        scalars = {n: getattr(self, n) for n in ("threshold", "beta", "cost")}
+        super()._apply(fn, recurse)
+        for name, before in scalars.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float64:
+                setattr(self, name, before.to(device=after.device))
+        return self
+
     # -- helpers ------------------------------------------------------------------------
     def _sizes_for(self, shape: Sequence[int]) -> tuple[int, ...]:
         if self.block is not None:
