@@ -515,3 +515,18 @@ def test_dtype_casts_keep_the_mask_scalars_in_float64() -> None:
     nn.functional.cross_entropy(model(x).float(), y).backward()
     opt.step()
     assert opt.last_record is not None and opt.last_record.density == pytest.approx(0.3, abs=0.02)
+
+
+def test_activation_checkpointing_gives_the_same_gradient() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    plain, ckpt = mlp(), mlp()
+    for model in (plain, ckpt):
+        ts.sparsify(model)
+        make(model, density=ts.constant(0.3), beta=ts.constant(4.0))
+    x, y = batches(1, (6,))[0]
+    nn.functional.cross_entropy(plain(x), y).backward()
+    hidden = checkpoint(lambda t: ckpt[2](ckpt[1](ckpt[0](t))), x, use_reentrant=False)
+    nn.functional.cross_entropy(ckpt[4](ckpt[3](hidden)), y).backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
