@@ -127,7 +127,6 @@ class _Checked:
 
     costs: torch.Tensor | None
     budget: torch.Tensor
-    beta: torch.Tensor | None
     total: torch.Tensor
     unit_min: torch.Tensor
     unit_max: torch.Tensor
@@ -137,7 +136,6 @@ def _validate(
     values: torch.Tensor,
     budget: Budget,
     costs: torch.Tensor | None,
-    beta: Budget | None,
 ) -> _Checked:
     """Check every argument in one read pass over ``values`` (and one over ``costs``)."""
     if not isinstance(values, torch.Tensor):
@@ -191,16 +189,19 @@ def _validate(
             f"{total.flatten()[i].item():.6g} here), got {b.flatten()[i].item():.6g}; "
             f"a budget of 0 or of everything needs no mask"
         )
-    beta_t = None
-    if beta is not None:
-        beta_t = _as_problem_tensor("beta", beta, batch, values)
-        ok = torch.isfinite(beta_t) & (beta_t > 0)
-        if not bool(ok.all()):
-            raise ValueError(
-                f"beta must be finite and > 0 (the sharpness; larger is closer to hard top-k), "
-                f"got {beta_t.flatten()[~ok.flatten()][0].item()}"
-            )
-    return _Checked(costs_b, b, beta_t, total, unit_min, unit_max)
+    return _Checked(costs_b, b, total, unit_min, unit_max)
+
+
+def _check_beta(beta: Budget, values: torch.Tensor) -> torch.Tensor:
+    """``beta`` as a float64 tensor of shape ``(*,)``, finite and > 0."""
+    beta_t = _as_problem_tensor("beta", beta, values.shape[:-1], values)
+    ok = torch.isfinite(beta_t) & (beta_t > 0)
+    if not bool(ok.all()):
+        raise ValueError(
+            f"beta must be finite and > 0 (the sharpness; larger is closer to hard top-k), "
+            f"got {beta_t.flatten()[~ok.flatten()][0].item()}"
+        )
+    return beta_t
 
 
 # Problems with at least this many entries get their cold start from a strided sample.
@@ -441,10 +442,8 @@ def soft_topk(
         >>> m.argsort(descending=True)[0, :2].tolist()
         [0, 2]
     """
-    if beta is None:
-        raise TypeError("beta must be a number or a floating-point tensor, got None")
-    checked = _validate(values, budget, costs, beta)
-    assert checked.beta is not None
+    checked = _validate(values, budget, costs)
+    beta_t = _check_beta(beta, values)
     if tol is None:
         tol = 1e-10 if values.dtype == torch.float64 else 1e-6
     if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
@@ -461,7 +460,7 @@ def soft_topk(
             )
     unit_range = (checked.unit_min, checked.unit_max)
     mask, mu, iterations, error = SoftTopK.apply(
-        values, checked.budget, checked.beta, checked.costs, mu0, float(tol), max_iter,
+        values, checked.budget, beta_t, checked.costs, mu0, float(tol), max_iter,
         unit_range,
     )
     if return_result:
@@ -507,7 +506,7 @@ def hard_topk(
         ...              costs=torch.tensor([2.0, 1.0, 1.0])).tolist()
         [True, False, True]
     """
-    checked = _validate(values, budget, costs, None)
+    checked = _validate(values, budget, costs)
     d = values.shape[-1]
     rows = values.reshape(-1, d)
     budgets = checked.budget.reshape(-1)
