@@ -530,3 +530,14 @@ def test_activation_checkpointing_gives_the_same_gradient() -> None:
     nn.functional.cross_entropy(ckpt[4](ckpt[3](hidden)), y).backward()
     for a, b in zip(plain.parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_made_non_finite_by_the_base_step_raise_naming_the_tensor() -> None:
+    model = mlp(dtype=torch.float32)
+    ts.sparsify(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    opt = ts.DualAveraging(sgd, model, sparsity=0.5, total_steps=10, density=ts.constant(0.5))
+    x, y = batches(1, (6,), dtype=torch.float32)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"weight became non-finite .* base optimizer's step 1"):
+        opt.step()

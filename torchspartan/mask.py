@@ -48,13 +48,21 @@ def block_sizes(shape: Sequence[int], block: Sequence[int] | None) -> tuple[int,
     return tuple(block) + (1,) * (len(shape) - len(block))
 
 
+def _interleaved(shape: Sequence[int], sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """Blocked view ``(n0/b0, b0, n1/b1, ...)`` of ``shape`` and its grid ``(n0/b0, 1, ...)``."""
+    inter: list[int] = []
+    grid: list[int] = []
+    for n, s in zip(shape, sizes, strict=True):
+        inter += [n // s, s]
+        grid += [n // s, 1]
+    return inter, grid
+
+
 def block_reduce(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     """Sum ``x`` over each block; the result has the block-grid shape."""
     if all(s == 1 for s in sizes):
         return x
-    inter: list[int] = []
-    for n, s in zip(x.shape, sizes, strict=True):
-        inter += [n // s, s]
+    inter, _ = _interleaved(x.shape, sizes)
     return x.reshape(inter).sum(dim=tuple(range(1, 2 * x.dim(), 2)))
 
 
@@ -70,15 +78,6 @@ def block_expand(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
         full += [n, s]
         out.append(n * s)
     return y.reshape(inter).expand(full).reshape(out)
-
-
-def _interleaved(shape: Sequence[int], sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    inter: list[int] = []
-    grid: list[int] = []
-    for n, s in zip(shape, sizes, strict=True):
-        inter += [n // s, s]
-        grid += [n // s, 1]
-    return inter, grid
 
 
 def block_mul(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
@@ -337,24 +336,17 @@ class SpartanMask(nn.Module):
     def block_numel(self) -> int:
         return math.prod(self.block) if self.block is not None else 1
 
-    def scalars(self) -> tuple[float, float, float]:
-        """``(tau, beta, cost)`` as Python floats, re-read only when a buffer changed."""
-        key = tuple((id(b), b._version) for b in (self.threshold, self.beta, self.cost))
-        if getattr(self, "_scalars_key", None) != key:
-            self._scalars = (float(self.threshold), float(self.beta), float(self.cost))
-            self._scalars_key = key
-        return self._scalars
-
     def layer_spec(self) -> _LayerSpec:
         sizes = block_sizes(self.hard_mask.shape, self.block)
         method = "masked" if (self.frozen or self.method == "fixed") else self.method
         return _LayerSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
                           self.threshold)
 
-    def set_soft(self, beta: float, tau: float = 0.0) -> None:
-        """Set the soft mask's sharpness (0 turns it off) and threshold; used by the optimizer."""
+    def set_soft(self, beta: float, tau: float | None = None) -> None:
+        """Set the soft mask's sharpness (0 turns it off) and, if given, its threshold."""
         self.beta.fill_(beta)
-        self.threshold.fill_(tau)
+        if tau is not None:
+            self.threshold.fill_(tau)
         self.soft_active = beta > 0
 
     def _refresh_soft_flag(self, *_: Any) -> None:

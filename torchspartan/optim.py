@@ -19,7 +19,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -33,7 +33,6 @@ from torchspartan.mask import (
     _LayerSpec,
     _parametrized_masks,
     _SharedThreshold,
-    block_expand,
     block_mul,
     block_reduce,
     soft_mask,
@@ -248,8 +247,7 @@ class DualAveraging(torch.optim.Optimizer):
         self._total_numel = sum(p.numel() for p in model.parameters())
         unmasked = sum(p.numel() for p in model.parameters() if id(p) not in theta_ids)
         self._fixed_kept = sum(
-            float(block_expand(ly.mask.hard_mask, ly.mask.layer_spec().sizes).sum())
-            * ly.unit_cost
+            float(ly.mask.hard_mask.sum()) * ly.mask.block_numel * ly.unit_cost
             for ly in self._layers if ly.mask.method == "fixed"
         )
         self._unmasked_numel = unmasked
@@ -276,7 +274,7 @@ class DualAveraging(torch.optim.Optimizer):
         # the last two hard thresholds per problem: a linear extrapolation guesses the next one
         # (the selection is exact whatever the guess; a good one saves passes over the scores)
         self._hints: dict[tuple[int, ...], list[float]] = {}
-        self.last_record: StepRecord | None = None
+        self.last_record: StepRecord  # written by every mask update, the first one just below
         self._update_masks()
 
     # param_groups, state and defaults are the base optimizer's own (also after it reloads)
@@ -400,10 +398,11 @@ class DualAveraging(torch.optim.Optimizer):
     @torch.no_grad()
     def _update_masks(self) -> None:
         t = self._step
-        if self._frozen:
-            self.last_record = StepRecord(
-                t, self._achieved_density(), self._alloc_density(self.density_schedule(t)),
-                float(self.beta_schedule(t)), 0, 0.0, 0.0, True
+        if self._frozen:  # the masks no longer change: only the step and the schedules move
+            self.last_record = replace(
+                self.last_record, step=t, iterations=0, budget_error=0.0, mask_change=0.0,
+                target_density=min(1.0, self._alloc_density(self.density_schedule(t))),
+                beta=float(self.beta_schedule(t)),
             )
             return
         target = float(self.density_schedule(t))
@@ -427,9 +426,10 @@ class DualAveraging(torch.optim.Optimizer):
                 mask.set_soft(0.0)
         else:
             units = self._unit_values(self._alloc_idx)
+            umax = self._largest_units(units, t)
             for alloc in self.policy.allocate(self._infos, alloc_density):
                 idx = tuple(self._alloc_idx[j] for j in alloc.indices)
-                it, err = self._solve_bounded(idx, alloc, units, beta_t)
+                it, err = self._solve_bounded(idx, alloc, units, umax, beta_t)
                 iterations += it
                 error = max(error, err)
         freeze = t >= self.finetune_start
@@ -479,9 +479,23 @@ class DualAveraging(torch.optim.Optimizer):
             out[i] = v.reshape(-1).div_(layer.entry_cost)
         return out
 
+    def _largest_units(self, units: dict[int, torch.Tensor], t: int) -> dict[int, float]:
+        """Largest unit value per tensor (one host sync); the one finiteness check of the
+        weights the base step just wrote (NaN propagates through the maximum). A sharded run
+        would all-reduce these with MAX, not through the sums of ``_reduce``."""
+        order = list(units)
+        umax = torch.stack([units[i].amax() for i in order]).double().tolist()
+        for i, u in zip(order, umax, strict=True):
+            if not math.isfinite(u):
+                raise ValueError(
+                    f"{self._layers[i].name} became non-finite (NaN or Inf) in the base "
+                    f"optimizer's step {t}; lower the learning rate or clip gradients"
+                )
+        return dict(zip(order, umax, strict=True))
+
     def _solve_bounded(
         self, idx: tuple[int, ...], alloc: Allocation, units: dict[int, torch.Tensor],
-        beta_t: float,
+        umax: dict[int, float], beta_t: float,
     ) -> tuple[int, float]:
         """Solve one allocation, fixing tensors that violate their density bounds."""
         free = list(idx)
@@ -494,7 +508,7 @@ class DualAveraging(torch.optim.Optimizer):
                 cap = layer.theta.numel() * layer.unit_cost
                 lo, hi = layer.mask.min_density * cap, layer.mask.max_density * cap
                 budget = min(max(budget, lo), hi)
-            hard, its, err = self._solve(tuple(free), budget, units, beta_t)
+            hard, its, err = self._solve(tuple(free), budget, units, umax, beta_t)
             iterations += its
             error = max(error, err)
             if all(self._layers[i].mask.min_density == 0.0
@@ -513,7 +527,7 @@ class DualAveraging(torch.optim.Optimizer):
             for i, bound in violators:
                 layer = self._layers[i]
                 cap = layer.theta.numel() * layer.unit_cost
-                _, its, err = self._solve((i,), bound * cap, units, beta_t)
+                _, its, err = self._solve((i,), bound * cap, units, umax, beta_t)
                 iterations += its
                 error = max(error, err)
                 budget -= bound * cap
@@ -522,7 +536,8 @@ class DualAveraging(torch.optim.Optimizer):
         return iterations, error
 
     def _solve(
-        self, idx: tuple[int, ...], budget: float, units: dict[int, torch.Tensor], beta_t: float
+        self, idx: tuple[int, ...], budget: float, units: dict[int, torch.Tensor],
+        umax: dict[int, float], beta_t: float,
     ) -> tuple[dict[int, torch.Tensor], int, float]:
         """Hard masks and soft threshold of one problem; writes the masks' buffers.
 
@@ -545,14 +560,16 @@ class DualAveraging(torch.optim.Optimizer):
         hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
         if hint is not None and not hint > 0:
             hint = past[-1]
-        masks, threshold = select_top_budget(chunks, costs, budget, hint)
+        # unit values are >= 0 by construction and were checked finite by _largest_units
+        masks, threshold = select_top_budget(chunks, costs, budget, hint, check=False)
         if math.isfinite(threshold):
             self._hints[idx] = (past + [threshold])[-2:]
         for ly, m in zip(layers, masks, strict=True):
             ly.mask.hard_mask = m.reshape(ly.mask.hard_mask.shape)
         betas = [beta_t * math.sqrt(ly.mask.block_numel) for ly in layers]
         if any(ly.mask.method == "spartan" for ly in layers):
-            tau, slope, its, err = self._solve_soft(layers, chunks, costs, betas, budget, total)
+            tau, slope, its, err = self._solve_soft(
+                layers, chunks, [umax[i] for i in idx], costs, betas, budget, total)
             for ly, b in zip(layers, betas, strict=True):
                 ly.mask.set_soft(b, tau)
             problem = _Problem(layers, tau, slope)
@@ -567,8 +584,8 @@ class DualAveraging(torch.optim.Optimizer):
         return hard, problem.iterations, problem.budget_error
 
     def _solve_soft(
-        self, layers: list[_Layer], chunks: list[torch.Tensor], costs: list[float],
-        betas: list[float], budget: float, total: float,
+        self, layers: list[_Layer], chunks: list[torch.Tensor], umax: list[float],
+        costs: list[float], betas: list[float], budget: float, total: float,
     ) -> tuple[float, float, int, float]:
         """Threshold ``tau`` with ``sum_l c_l sum sigmoid(beta_l (u - tau)) = budget``.
 
@@ -577,11 +594,10 @@ class DualAveraging(torch.optim.Optimizer):
         logit = math.log(budget / (total - budget))
         dev = chunks[0].device
         # u >= 0, so 0 bounds every minimum: a valid (slightly wider) bracket, one reduction less
-        umax = self._reduce(torch.stack([u.amax() for u in chunks]).double()).tolist()
         lo = min(logit / b - hi_ for b, hi_ in zip(betas, umax, strict=True))
         hi = max(logit / b for b in betas)
-        tau_prev, beta_prev, _ = layers[0].mask.scalars()
-        x0 = -tau_prev if beta_prev > 0 else 0.5 * (lo + hi)
+        prev = layers[0].mask  # warm start: last step's threshold, read from the buffers
+        x0 = -float(prev.threshold) if prev.soft_active else 0.5 * (lo + hi)
         x0 = min(max(x0, lo), hi)
         cost_t = torch.tensor(costs, dtype=torch.float64, device=dev)
         slope_w = cost_t * torch.tensor(betas, dtype=torch.float64, device=dev)
@@ -626,17 +642,12 @@ class DualAveraging(torch.optim.Optimizer):
             else:
                 factor = spec.hard
             ly.theta.copy_(block_mul(ly.theta, factor, spec.sizes))
-            ly.mask.set_soft(0.0, float(ly.mask.threshold))
+            ly.mask.set_soft(0.0)
             ly.mask.frozen = True
         for p in self._problems:
             p.release()
         self._problems = []
         self._frozen = True
-
-    def _achieved_density(self) -> float:
-        counts = torch.stack([ly.mask.hard_mask.sum() for ly in self._layers]).tolist()
-        kept = sum(c * ly.mask.block_numel for c, ly in zip(counts, self._layers, strict=True))
-        return kept / self._masked_numel
 
     # -- state ---------------------------------------------------------------------------
     def _fingerprint(self) -> list[list[Any]]:
@@ -661,7 +672,7 @@ class DualAveraging(torch.optim.Optimizer):
                 for p in self._problems
             ],
             "hints": [[list(k), v] for k, v in self._hints.items()],
-            "last_record": asdict(self.last_record) if self.last_record else None,
+            "last_record": asdict(self.last_record),
         }
         return sd
 
@@ -711,8 +722,8 @@ class DualAveraging(torch.optim.Optimizer):
             tuple(k): [float(x) for x in (v if isinstance(v, list) else [v])]
             for k, v in spartan.get("hints", [])
         }
-        rec = spartan.get("last_record")
-        self.last_record = StepRecord(**rec) if rec else None
+        if spartan.get("last_record"):
+            self.last_record = StepRecord(**spartan["last_record"])
 
     def __repr__(self) -> str:
         return (
