@@ -209,7 +209,7 @@ _SAMPLE_SIZE = 1 << 14
 
 
 def _cold_start(
-    units: torch.Tensor,
+    values: torch.Tensor,
     costs: torch.Tensor | None,
     budget: torch.Tensor,
     beta: torch.Tensor,
@@ -217,33 +217,23 @@ def _cold_start(
     lo: torch.Tensor,
     hi: torch.Tensor,
 ) -> torch.Tensor:
-    """Initial ``mu``: the root of the budget equation on a strided sample of every problem.
+    """Initial ``mu``: the root of the same budget equation on a strided sample of every problem.
 
     The sampled problem is cheap (``_SAMPLE_SIZE`` entries) and its root is within the sampling
     error of the full root, so the full Newton iteration starts in its quadratic regime.
     """
-    d = units.shape[-1]
-    x0 = 0.5 * (lo + hi)
+    d = values.shape[-1]
     if d < 4 * _SAMPLE_SIZE:
-        return x0
+        return 0.5 * (lo + hi)
     stride = d // _SAMPLE_SIZE
-    offset = stride // 2
-    z = units[..., offset::stride].to(torch.float64) * beta.unsqueeze(-1)
+    sample = values[..., stride // 2::stride]
     if costs is None:
-        c = None
-        target = budget * (z.shape[-1] / d)
+        sample_costs = None
+        target = budget * (sample.shape[-1] / d)
     else:
-        c = costs[..., offset::stride].to(torch.float64)
-        target = budget * (c.sum(-1) / total)
-
-    def evaluate(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = torch.sigmoid(z + mu.unsqueeze(-1))
-        a = m * (1 - m)
-        if c is None:
-            return m.sum(-1) - target, a.sum(-1)
-        return (c * m).sum(-1) - target, (c * a).sum(-1)
-
-    mu, _, _ = safeguarded_newton(evaluate, x0, lo, hi, target, 1e-6, 60)
+        sample_costs = costs[..., stride // 2::stride]
+        target = budget * (sample_costs.sum(-1, dtype=torch.float64) / total)
+    _, mu, _, _ = _solve_soft(sample, sample_costs, target, beta, None, 1e-6, 60)
     return mu
 
 
@@ -281,7 +271,7 @@ def _solve_soft(
     base = torch.logit(budget / total)
     lo, hi = base - zmax, base - zmin
     if mu_init is None:
-        x0 = _cold_start(units, c, budget, beta, total, lo, hi)
+        x0 = _cold_start(values, costs, budget, beta, total, lo, hi)
     else:
         x0 = torch.broadcast_to(mu_init.to(torch.float64), budget.shape)
     x0 = torch.minimum(torch.maximum(x0, lo), hi)
