@@ -1,0 +1,76 @@
+"""The op/sync counter of ``benchmarks/dispatch.py`` on a small MLP (dense vs Spartan, 1 step)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchspartan as ts
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("_dispatch_benchmark", _PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _count(bench, spartan: bool):
+    model = _mlp()
+    if spartan:
+        ts.sparsify(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = ts.DualAveraging(base, model, sparsity=0.5, total_steps=10) if spartan else base
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    counter = bench.StepCounter("cpu")
+    loss = bench.counted_step(model, opt, base, x, y, nn.CrossEntropyLoss(), counter)
+    return counter, loss
+
+
+def test_counts_dense_and_spartan(bench):
+    dense, loss_d = _count(bench, spartan=False)
+    spartan, loss_s = _count(bench, spartan=True)
+    assert torch.isfinite(torch.tensor([loss_d, loss_s])).all()
+    for c in (dense, spartan):
+        for phase in ("forward", "backward", "optimizer"):
+            assert c.total_ops(phase) > 0, phase
+    assert dense.total_ops("mask_update") == 0 and dense.total_syncs() == 0
+    assert spartan.total_ops("mask_update") > 0
+    assert spartan.total_ops() > dense.total_ops()
+
+
+def test_sync_detector(bench):
+    w = nn.Linear(4, 4).weight
+    counter = bench.StepCounter("cpu")
+    with counter:
+        w.sum().item()  # a device value read on the host: one sync
+        w[0].tolist()  # a device-to-host copy: one sync
+        torch.nonzero(w > 0)  # data-dependent output shape: one sync
+        h = torch.tensor([1.0, 2.0])  # made on the host: reading it is no sync
+        float(h.sum())
+        h.tolist()
+    assert counter.total_syncs("forward") == 3
+    kinds = [k.split(" @ ")[0] for k in counter.syncs["forward"]]
+    assert kinds == ["aten._local_scalar_dense", "Tensor.tolist", "aten.nonzero.default"]
+    assert sum(counter.host_reads.values()) == 2
+    assert counter.total_ops("forward") > 0
+    assert w.tolist()  # the Tensor methods are restored after the counted block
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist
