@@ -1,7 +1,12 @@
-"""What the reference scripts share: building the Spartan optimizer from their CLI options."""
+"""What the reference scripts share: the sparsity flags, parameter groups, the LR schedule, and
+the Spartan optimizer built from the flags.
+
+Used by ``reference/fashion_mnist.py`` and the ImageNet recipe (``reference/imagenet/``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable
 from typing import Any
@@ -11,11 +16,135 @@ from torch import nn
 
 import torchspartan as ts
 
-__all__ = ["POLICIES", "spartan_optimizer", "warmup_cosine"]
+__all__ = [
+    "METHODS",
+    "NORM_TYPES",
+    "POLICIES",
+    "add_sparsity_options",
+    "param_groups",
+    "parse_block",
+    "spartan_optimizer",
+    "warmup_cosine",
+]
+
+METHODS: tuple[str, ...] = ("dense", "spartan", "topkast", "gmp")
+"""``--method`` values: ``"dense"`` (no mask) or a ``ts.sparsify`` method."""
 
 POLICIES: dict[str, type[ts.AllocationPolicy]] = {
-    "global": ts.Global, "uniform": ts.Uniform, "erk": ts.ERK,
+    "global": ts.Global,
+    "uniform": ts.Uniform,
+    "erk": ts.ERK,
 }
+"""``--policy`` values and the allocation policy each one builds."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+"""Normalisation layers, whose parameters get no weight decay."""
+
+
+def parse_block(text: str) -> list[int] | None:
+    """``--block``: ``"4x4"`` or ``"4,4"`` -> ``[4, 4]``; ``"none"``, ``"0"`` or ``""`` -> None.
+
+    The sizes apply to the weights' leading dims (``ts.sparsify(block=...)``).
+    """
+    if text.strip().lower() in ("none", "0", ""):
+        return None
+    try:
+        sizes = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--block must look like 4x4 (rows x columns) or 'none', got {text!r}"
+        )
+    return sizes
+
+
+def add_sparsity_options(
+    parser: Any,
+    *,
+    method: str = "spartan",
+    sparsity: float = 0.9,
+    sparsity_of: str = "model",
+    policy: str = "global",
+    beta_target: float = 10.0,
+    anneal_fraction: float = 0.2,
+    finetune_fraction: float = 0.2,
+) -> None:
+    """Add the flags :func:`spartan_optimizer` and ``ts.sparsify`` read to ``parser``.
+
+    ``parser`` is an ``argparse.ArgumentParser`` or one of its argument groups; the keywords are
+    the defaults. Adds ``--method``, ``--sparsity``, ``--sparsity-of``, ``--policy``, ``--block``
+    (parsed by :func:`parse_block`), ``--beta-target``, ``--anneal-fraction`` and
+    ``--finetune-fraction``.
+    """
+    parser.add_argument(
+        "--method",
+        default=method,
+        choices=METHODS,
+        help="dense (no mask), spartan, topkast (dual averaging), gmp",
+    )
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        default=sparsity,
+        help="target fraction of zero parameters (ignored by --method dense)",
+    )
+    parser.add_argument(
+        "--sparsity-of",
+        default=sparsity_of,
+        choices=("model", "masked"),
+        help="count the sparsity over all parameters (paper) or over the masked weights only",
+    )
+    parser.add_argument(
+        "--policy", default=policy, choices=tuple(POLICIES), help="layer-wise allocation"
+    )
+    parser.add_argument(
+        "--block",
+        type=parse_block,
+        default=None,
+        help="block shape on the weights' first two dims, e.g. 4x4 or 16x16 ('none': unstructured)",
+    )
+    parser.add_argument("--beta-target", type=float, default=beta_target, help="final beta")
+    parser.add_argument(
+        "--anneal-fraction",
+        type=float,
+        default=anneal_fraction,
+        help="fraction of steps to ramp the density from 1 to the target",
+    )
+    parser.add_argument(
+        "--finetune-fraction",
+        type=float,
+        default=finetune_fraction,
+        help="last fraction of steps with a frozen mask",
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weights; none on biases and normalisation layers' parameters.
+
+    Parameters are visited module by module, so a masked weight (held by the parametrization as
+    ``parametrizations.weight.original``) is found as the weight it is; works before and after
+    ``ts.sparsify``.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, NORM_TYPES) or name.endswith("bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def spartan_optimizer(
@@ -24,7 +153,8 @@ def spartan_optimizer(
     """``base`` itself for ``options.method == "dense"``, else ``ts.DualAveraging`` around it.
 
     ``options`` carries ``method``, ``policy`` (a key of :data:`POLICIES`), ``sparsity``,
-    ``sparsity_of``, ``beta_target``, ``anneal_fraction`` and ``finetune_fraction``.
+    ``sparsity_of``, ``beta_target``, ``anneal_fraction`` and ``finetune_fraction`` (the flags
+    of :func:`add_sparsity_options`).
     """
     if options.method == "dense":
         return base

@@ -37,7 +37,14 @@ import torch  # noqa: E402
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from reference.common import spartan_optimizer, warmup_cosine
+from reference.common import (
+    METHODS,
+    POLICIES,
+    add_sparsity_options,
+    param_groups,
+    spartan_optimizer,
+    warmup_cosine,
+)
 from reference.data import (
     TensorBatches,
     load_digits_datasets,
@@ -50,8 +57,6 @@ __all__ = ["RunConfig", "build_parser", "config_from_args", "evaluate", "main", 
 
 MethodName = Literal["dense", "spartan", "topkast", "gmp"]
 PolicyName = Literal["global", "uniform", "erk"]
-METHODS: tuple[str, ...] = ("dense", "spartan", "topkast", "gmp")
-POLICIES: tuple[str, ...] = ("global", "uniform", "erk")
 
 
 @dataclass
@@ -121,7 +126,7 @@ class RunConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+            raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {self.policy!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"sparsity must be in [0, 1), got {self.sparsity}; e.g. 0.95 keeps 5% of weights"
@@ -143,19 +148,6 @@ class RunConfig:
 def make_lr_lambda(total_steps: int, warmup: float) -> Any:
     """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
     return warmup_cosine(max(1, round(warmup * total_steps)), total_steps)
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights (tensors with >= 2 dims), none on BatchNorm or biases.
-
-    Works before and after ``ts.sparsify``: a masked weight's dense parameter (the
-    parametrization's ``original``) keeps the weight's shape.
-    """
-    params = list(model.parameters())
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
 
 
 @torch.no_grad()
@@ -258,7 +250,7 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             block=config.block,
         )
     sgd = torch.optim.SGD(
-        _param_groups(model, config.weight_decay),
+        param_groups(model, config.weight_decay),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.momentum > 0,
@@ -350,16 +342,6 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     }
 
 
-def _block(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--block must look like 4x4 (rows x columns), got {text!r}"
-        ) from None
-    return rows, cols
-
-
 def _widths(text: str) -> tuple[int, int, int]:
     try:
         a, b, c = (int(v) for v in text.split(","))
@@ -378,44 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small ResNet on Fashion-MNIST with Spartan sparse training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--method",
-        choices=METHODS,
-        default=d.method,
-        help="dense (no mask), spartan, topkast (dual averaging), gmp",
+    add_sparsity_options(
+        p,
+        method=d.method,
+        sparsity=d.sparsity,
+        sparsity_of=d.sparsity_of,
+        policy=d.policy,
+        beta_target=d.beta_target,
+        anneal_fraction=d.anneal_fraction,
+        finetune_fraction=d.finetune_fraction,
     )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        default=d.sparsity,
-        help="target fraction of zero parameters (ignored by --method dense)",
-    )
-    p.add_argument("--policy", choices=POLICIES, default=d.policy, help="layer-wise allocation")
-    p.add_argument("--block", type=_block, default=None, help="block mask shape, e.g. 4x4")
     p.add_argument(
         "--exclude",
         action="append",
         default=[],
         help="regex on module names to keep dense (repeatable), e.g. '^stem'",
-    )
-    p.add_argument(
-        "--sparsity-of",
-        choices=("model", "masked"),
-        default=d.sparsity_of,
-        help="count sparsity over all parameters or over the masked weights only",
-    )
-    p.add_argument("--beta-target", type=float, default=d.beta_target, help="final beta")
-    p.add_argument(
-        "--anneal-fraction",
-        type=float,
-        default=d.anneal_fraction,
-        help="fraction of steps to ramp the density from 1 to the target",
-    )
-    p.add_argument(
-        "--finetune-fraction",
-        type=float,
-        default=d.finetune_fraction,
-        help="last fraction of steps with a frozen mask",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -455,7 +414,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         method=args.method,
         sparsity=0.0 if args.method == "dense" else args.sparsity,
         policy=args.policy,
-        block=args.block,
+        block=tuple(args.block) if args.block else None,  # validate() checks: two sizes
         exclude=tuple(args.exclude),
         sparsity_of=args.sparsity_of,
         beta_target=args.beta_target,
