@@ -4,7 +4,7 @@ A preset is a dict of command-line defaults: ``--preset NAME`` replaces the scri
 it, and any flag given explicitly on the command line still wins. ``python -m
 reference.imagenet.train --list-presets`` prints them.
 
-Where each value comes from (``/work/shared/design.md`` section 5 and section 3, the paper's
+Where each value comes from (``design.md`` section 5 and section 3, the paper's
 ImageNet-1K recipes):
 
 ResNet-50 (all from design.md): 100 epochs, SGD with Nesterov momentum 0.9, lr 1.0 at global batch
