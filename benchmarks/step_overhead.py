@@ -5,7 +5,7 @@ One question, one script (style.md 12). In one process, a dense model and a Spar
 (dense, spartan, dense, spartan, ...) on the same random batch; after warm-up the median of the
 repeats is reported, with the breakdown of a step into forward (with the loss), backward,
 optimizer step (the base optimizer's own step, timed by its step hooks) and mask update
-(everything else ``DualAveraging.step()`` does: the finite check and ``_update_masks``).
+(everything else ``DualAveraging.step()`` does: the finite check and the mask update).
 
 The Spartan model is measured in the middle of the annealing phase with a moving mask: with
 ``total_steps=1000`` and the default shapes (density linear from 1 to the target over the first
@@ -32,13 +32,16 @@ Usage::
     python benchmarks/step_overhead.py --batch 32 8 --out benchmarks/results/step_overhead_cpu
     python benchmarks/step_overhead.py --device cuda --amp fp16 --batch 256 \\
         --models resnet50 --out benchmarks/results/step_overhead_gpu
+    python benchmarks/step_overhead.py --render benchmarks/results/step_overhead_cpu  # JSON -> md
+
+The pieces: ``step_runner.py`` builds the dense and Spartan models and times a step by phase,
+``render_step_overhead.py`` writes the Markdown report (and judges the targets), ``machine.py``
+names the device and the git commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import math
 import os
@@ -48,203 +51,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_name, git_describe, sync
+from render_step_overhead import render
+from step_runner import SPECS, make_dual, make_runners, masked_numel, record_of
 from torch import nn
 
 import torchspartan as ts
 
-PHASES = ("forward", "backward", "optimizer", "mask_update")
-CPU_RATIO_TARGET = 1.15
-CUDA_RATIO_TARGET = 1.05
 
-
-# -- models -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    image: int
-    sparsity: float
-    beta_target: float
-    block: tuple[int, int] | None
-
-
-SPECS = {
-    # paper anchors (design.md 5): 95% ResNet-50 with beta 10; 90% block-sparse ViT-B/16, beta 20
-    "resnet50": ModelSpec("resnet50", 224, 0.95, 10.0, None),
-    "vit_b_16": ModelSpec("vit_b_16", 224, 0.90, 20.0, (16, 16)),
-    # --quick stand-ins
-    "resnet18": ModelSpec("resnet18", 64, 0.95, 10.0, None),
-    "vit_tiny": ModelSpec("vit_tiny", 64, 0.90, 20.0, (16, 16)),
-}
-
-
-def build_model(name: str) -> nn.Module:
-    import torchvision
-
-    if name == "resnet50":
-        return torchvision.models.resnet50()
-    if name == "resnet18":
-        return torchvision.models.resnet18()
-    if name == "vit_b_16":
-        return torchvision.models.vit_b_16()
-    if name == "vit_tiny":
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4,
-                                 hidden_dim=256, mlp_dim=1024)
-    raise ValueError(f"unknown model {name!r}; choose from {sorted(SPECS)}")
-
-
-def sparsify_model(model: nn.Module, spec: ModelSpec) -> list[str]:
-    if spec.name.startswith("vit"):
-        # 16x16 blocks on the encoder's linear layers (MLP, attention out_proj) and the MHA
-        # in_proj; the patch embedding (conv_proj) and the classifier (heads) stay dense.
-        return ts.sparsify(model, include=(nn.Linear, nn.MultiheadAttention), names=r"^encoder\.",
-                           exclude=[r"conv_proj", r"^heads"], block=spec.block)
-    return ts.sparsify(model)  # every Conv2d and the Linear classifier
-
-
-class _Shifted:
-    """``schedule(step + offset)``: starts the run in the middle of the annealing phase."""
-
-    def __init__(self, schedule: Callable[[int], float], offset: int) -> None:
-        self.schedule, self.offset = schedule, offset
-
-    def __call__(self, step: int) -> float:
-        return self.schedule(step + self.offset)
-
-
-def make_dual(model: nn.Module, base: torch.optim.Optimizer, sparsity: float, beta_target: float,
-              total_steps: int, start_step: int) -> ts.DualAveraging:
-    """DualAveraging with the default schedule shapes, shifted to begin at ``start_step``."""
-    density = ts.linear(1.0, 1.0 - sparsity, 0, round(0.2 * total_steps))
-    beta = ts.linear(1.0, beta_target, 0, round(0.8 * total_steps))
-    return ts.DualAveraging(base, model, sparsity=sparsity, total_steps=total_steps,
-                            policy=ts.Global(), beta_target=beta_target,
-                            density=_Shifted(density, start_step), beta=_Shifted(beta, start_step))
-
-
-def masked_numel(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if n.endswith(".original"))
-
-
-# -- one configuration ---------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Runner:
-    """A model, its optimizer(s) and a step function timed by phase."""
-
-    label: str
-    model: nn.Module
-    base: torch.optim.Optimizer
-    opt: torch.optim.Optimizer  # the base optimizer (dense) or the DualAveraging wrapper
-    device: torch.device
-    amp: str
-    x: torch.Tensor
-    y: torch.Tensor
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # compiled model, if any
-    scaler: torch.amp.GradScaler | None = None
-    times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in (*PHASES,
-                                                                                  "total")})
-    _marks: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        def pre(*_: Any) -> None:
-            sync(self.device)
-            self._marks["pre"] = time.perf_counter()
-
-        def post(*_: Any) -> None:
-            sync(self.device)
-            self._marks["post"] = time.perf_counter()
-
-        self.base.register_step_pre_hook(pre)
-        self.base.register_step_post_hook(post)
-        if self.amp == "fp16":
-            self.scaler = torch.amp.GradScaler(self.device.type)
-        self.loss_fn = nn.CrossEntropyLoss()
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def step(self, record: bool = True) -> float:
-        fwd = self.forward if self.forward is not None else self.model
-        sync(self.device)
-        t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = self.loss_fn(fwd(self.x), self.y)
-        sync(self.device)
-        t1 = time.perf_counter()
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        sync(self.device)
-        t2 = time.perf_counter()
-        self._marks.clear()
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        sync(self.device)
-        t3 = time.perf_counter()
-        optim = self._marks["post"] - self._marks["pre"] if "post" in self._marks else 0.0
-        if record:
-            for k, v in zip((*PHASES, "total"),
-                            (t1 - t0, t2 - t1, optim, (t3 - t2) - optim, t3 - t0), strict=True):
-                self.times[k].append(v)
-        return float(loss.detach())
-
-    def medians(self) -> dict[str, float]:
-        return {k: statistics.median(v) for k, v in self.times.items() if v}
-
-
-def make_runners(name: str, batch: int, device: torch.device, amp: str, start_step: int,
-                 channels_last: bool, seed: int = 0) -> tuple[Runner, Runner, dict[str, Any]]:
-    spec = SPECS[name]
-    torch.manual_seed(seed)
-    dense = build_model(name).to(device)
-    spartan = copy.deepcopy(dense)
-    names = sparsify_model(spartan, spec)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dense = dense.to(memory_format=fmt)
-    spartan = spartan.to(memory_format=fmt)
-    x = torch.randn(batch, 3, spec.image, spec.image, device=device).to(memory_format=fmt)
-    y = torch.randint(0, 1000, (batch,), device=device)
-    runners = []
-    for label, model in (("dense", dense), ("spartan", spartan)):
-        model.train()
-        base = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        opt: torch.optim.Optimizer = base
-        if label == "spartan":
-            opt = make_dual(model, base, spec.sparsity, spec.beta_target, 1000, start_step)
-        runners.append(Runner(label, model, base, opt, device, amp, x, y))
-    info = {
-        "model": name, "batch": batch, "image": spec.image, "sparsity": spec.sparsity,
-        "beta_target": spec.beta_target, "block": spec.block, "masked_tensors": len(names),
-        "masked_weights": masked_numel(spartan),
-        "total_params": sum(p.numel() for p in spartan.parameters()),
-    }
-    return runners[0], runners[1], info
-
-
-def record_of(opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-    rec = getattr(opt, "last_record", None)
-    if rec is None:
-        return None
-    return {"step": rec.step, "density": rec.density, "target_density": rec.target_density,
-            "beta": rec.beta, "iterations": rec.iterations, "mask_change": rec.mask_change}
-
-
+# -- step time: dense and Spartan interleaved ------------------------------------------------
 def bench_step(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dense, spartan, info = make_runners(name, batch, device, args.amp, args.start_step,
@@ -513,192 +332,15 @@ def bench_profile(name: str, batch: int, args: argparse.Namespace) -> dict[str, 
     return {"model": name, "batch": batch, "table": table, "cprofile": text}
 
 
-# -- reporting --------------------------------------------------------------------------------
+# -- environment and command line ----------------------------------------------------------
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-
-
-def git_describe() -> str:
-    """The commit the library was at, with ``-dirty`` when the working tree differs."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, check=False, cwd=Path(__file__).parent,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def ms(x: float) -> str:
-    return f"{1e3 * x:.1f}"
-
-
-def mib(x: float) -> str:
-    return f"{x / 2**20:.0f}"
-
-
-def met(ok: bool) -> str:
-    return "**met**" if ok else "**not met**"
-
-
-def render(res: dict[str, Any]) -> str:
-    a = res["args"]
-    cuda = a["device"].startswith("cuda")
-    target = CUDA_RATIO_TARGET if cuda else CPU_RATIO_TARGET
-    target_batch = 256 if cuda else 32
-    lines = [
-        f"# Spartan step overhead ({'CUDA' if cuda else 'CPU'})",
-        "",
-        f"- Device: {res['device_name']}",
-        f"- torch {res['torch']}, torchvision {res['torchvision']}, Python {res['python']}",
-        f"- Command: `{res['command']}` (library at git `{res.get('git', 'unknown')}`)",
-        f"- Date: {res['date']}; wall time of the run {res['wall_s'] / 60:.1f} min; "
-        f"load average at start {res['load_start']}, at end {res['load_end']} "
-        f"(the machine is shared: other jobs ran alongside, which is why steps are interleaved "
-        f"and medians are reported)",
-        f"- AMP: {a['amp']}; channels_last: {a['channels_last']}; base optimizer SGD "
-        f"(momentum 0.9, weight decay 1e-4); Spartan: `ts.DualAveraging`, `ts.Global()` policy, "
-        f"total_steps=1000, schedules shifted to start at step {a['start_step']} (mid-anneal, "
-        f"moving mask); warm-up {a['warmup']} + {a['repeats']} interleaved repeats per "
-        f"configuration, medians.",
-        "- Sparsity targets are over the masked tensors (`sparsity_of='masked'`): ResNet-50 95% "
-        "(every Conv2d and the fc, beta target 10); ViT-B/16 90% with 16x16 blocks on the "
-        "encoder's Linear layers and MHA in_proj (conv_proj and heads dense, beta target 20 x "
-        "sqrt(256)).",
-        "",
-        "## Targets",
-        "",
-        "| target | measured | verdict |",
-        "|---|---|---|",
-    ]
-    for s in res.get("steps", []):
-        if s["batch"] == target_batch:
-            lines.append(
-                f"| {s['model']} b{s['batch']}: Spartan step <= {target}x dense | "
-                f"{s['ratio']:.3f}x ({ms(s['spartan']['total'])} / {ms(s['dense']['total'])} ms) "
-                f"| {met(s['ratio'] <= target)} |")
-    for m in res.get("memory", []):
-        mm = m["memory"]
-        lines.append(
-            f"| {m['model']} b{m['batch']}: peak RSS <= dense + 2 x masked bytes "
-            f"(+{mib(2 * mm['masked_bytes'])} MiB) | +{mib(mm['rss_extra'])} MiB "
-            f"({mib(mm['spartan']['vm_hwm'])} vs {mib(mm['dense']['vm_hwm'])} MiB) | "
-            f"{met(mm['rss_met'])} |")
-        if "cuda_extra" in mm:
-            lines.append(
-                f"| {m['model']} b{m['batch']}: CUDA max allocated <= dense + 2 x masked bytes | "
-                f"+{mib(mm['cuda_extra'])} MiB "
-                f"({mib(mm['spartan']['cuda_max_allocated'])} vs "
-                f"{mib(mm['dense']['cuda_max_allocated'])} MiB) | {met(mm['cuda_met'])} |")
-    if res.get("scaling"):
-        fit = res["scaling_fit"]
-        ok = fit["per_weight_ratio"] <= 1.25
-        lines.append(
-            f"| mask update at most linear in #weights (time per weight at the largest size <= "
-            f"1.25x that at {fit['ref_weights'] / 1e6:.1f}M, i.e. no superlinear growth over the "
-            f"last decade; the fit t = a + bN is for information) | per-weight ratio "
-            f"{fit['per_weight_ratio']:.2f}; fit a = {ms(fit['intercept_s'])} ms, b = "
-            f"{fit['ns_per_weight']:.2f} ns/weight, R^2 {fit['r2']:.4f} | {met(ok)} |")
-    if res.get("steps"):
-        lines += ["", "## Step time (median, ms)", "",
-                  "| model | batch | masked weights | config | forward | backward | optimizer | "
-                  "mask update | total | ratio | pair ratio min..max |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s in res["steps"]:
-            for label in ("dense", "spartan"):
-                t = s[label]
-                ratio = f"{s['ratio']:.3f}x" if label == "spartan" else ""
-                spread = (f"{s['pair_ratio_min_max'][0]:.2f}..{s['pair_ratio_min_max'][1]:.2f}"
-                          if label == "spartan" else "")
-                lines.append(
-                    f"| {s['model']} | {s['batch']} | {s['masked_weights'] / 1e6:.2f}M | {label} | "
-                    + " | ".join(ms(t[p]) for p in PHASES)
-                    + f" | {ms(t['total'])} | {ratio} | {spread} |")
-        lines += ["", "Spartan state at the measured steps (last repeat): " + "; ".join(
-            f"{s['model']} b{s['batch']}: step {s['records'][-1]['step']}, density "
-            f"{s['records'][-1]['density']:.4f}, beta {s['records'][-1]['beta']:.3f}, Newton "
-            f"evaluations {s['records'][-1]['iterations']}, mask change "
-            f"{100 * s['records'][-1]['mask_change']:.3f}%"
-            for s in res["steps"] if s["records"] and s["records"][-1]) + "."]
-    if res.get("memory"):
-        lines += ["", "## Peak memory (each configuration alone in a fresh process)", "",
-                  "| model | batch | masked weights (MiB fp32) | dense peak RSS (MiB) | "
-                  "Spartan peak RSS (MiB) | extra (MiB) | extra / masked bytes |"
-                  + (" dense CUDA max alloc | Spartan CUDA max alloc | extra |" if cuda else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|---|---|" if cuda else "")]
-        for m in res["memory"]:
-            mm = m["memory"]
-            row = (f"| {m['model']} | {m['batch']} | {mib(mm['masked_bytes'])} | "
-                   f"{mib(mm['dense']['vm_hwm'])} | {mib(mm['spartan']['vm_hwm'])} | "
-                   f"{mib(mm['rss_extra'])} | {mm['rss_extra'] / mm['masked_bytes']:.2f} |")
-            if cuda and "cuda_extra" in mm:
-                row += (f" {mib(mm['dense']['cuda_max_allocated'])} | "
-                        f"{mib(mm['spartan']['cuda_max_allocated'])} | {mib(mm['cuda_extra'])} |")
-            lines.append(row)
-        lines += ["", f"Peak RSS is `VmHWM` after {a['memory_steps']} training steps."]
-    if res.get("scaling"):
-        fit = res["scaling_fit"]
-        fit2 = res["scaling_fit_fwd_bwd"]
-        lines += ["", "## Mask update against the number of masked weights", "",
-                  "8 `nn.Linear(1024, N/8)` layers, global policy, 95% target, mid-anneal "
-                  "(moving mask), SGD without momentum on random gradients; median of "
-                  f"{a['scaling_repeats']} after {a['scaling_warmup']} warm-up. "
-                  "'masked fwd+bwd' is the parametrizations alone: computing every masked "
-                  "weight and back-propagating a random gradient through it.", "",
-                  "| masked weights | mask update (ms) | ns / weight | masked fwd+bwd (ms) | "
-                  "ns / weight | Newton evaluations |", "|---|---|---|---|---|---|"]
-        for r in res["scaling"]:
-            n = r["masked_weights"]
-            lines.append(f"| {n / 1e6:.1f}M | {ms(r['mask_update'])} | "
-                         f"{1e9 * r['mask_update'] / n:.2f} | {ms(r['masked_fwd_bwd'])} | "
-                         f"{1e9 * r['masked_fwd_bwd'] / n:.2f} | "
-                         f"{r['record']['iterations'] if r['record'] else ''} |")
-        lines += ["", f"Least squares t = a + b N: mask update a = {ms(fit['intercept_s'])} ms, "
-                  f"b = {fit['ns_per_weight']:.2f} ns/weight, R^2 = {fit['r2']:.4f}; masked "
-                  f"fwd+bwd a = {ms(fit2['intercept_s'])} ms, b = {fit2['ns_per_weight']:.2f} "
-                  f"ns/weight, R^2 = {fit2['r2']:.4f}."]
-    for c in res.get("compile", []):
-        lines += ["", f"## torch.compile ({c['model']} b{c['batch']}, backend "
-                  f"{c['backend']!r})", "",
-                  "| config | graphs | graph breaks | first step (s) | step (ms) | forward | "
-                  "backward | optimizer | mask update | error |", "|---|---|---|---|---|---|---|"
-                  "---|---|---|"]
-        for label in ("dense", "spartan"):
-            e = c[label]
-            st = e.get("step", {})
-            lines.append(
-                f"| {label} | {e.get('graphs', '?')} | {e.get('graph_breaks', '?')} | "
-                f"{e['first_step_s']:.1f} | " if "first_step_s" in e else
-                f"| {label} | {e.get('graphs', '?')} | {e.get('graph_breaks', '?')} | - | ")
-            lines[-1] += (" | ".join(ms(st[p]) for p in ("total", *PHASES)) if st
-                          else "- | - | - | - | -") + f" | {e.get('error', '')} |"
-        if "ratio" in c:
-            lines += ["", f"Compiled Spartan / compiled dense: {c['ratio']:.3f}x."]
-        reasons = c["spartan"].get("break_reasons", [])
-        if reasons:
-            lines += ["", "Distinct graph-break reasons of the Spartan model (first 6, "
-                      "`torch._dynamo.explain`):", ""]
-            lines += [f"- `{r}`" for r in reasons]
-    if res.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
-    for pr in res.get("profile", []):
-        lines += ["", f"## Profile of one Spartan step ({pr['model']} b{pr['batch']})", "",
-                  "torch.profiler, top operators by self time:", "", "```", pr["table"].strip(),
-                  "```", "", "cProfile of `DualAveraging.step()` (cumulative):", "", "```",
-                  pr["cprofile"].strip(), "```"]
-    lines.append("")
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
