@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_name, sync
 
 import torchspartan as ts
 from torchspartan._select import select_top_budget
@@ -42,26 +42,11 @@ N_CHUNKS = 50
 TARGETS = {"soft cold fwd+bwd": 1.0, "soft warm fwd": 0.3, "hard_topk": 0.2}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA), host CPU {cpu_name()}"
     return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch threads = "
             f"{torch.get_num_threads()}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
