@@ -60,3 +60,23 @@ def masked_kept(model: nn.Module) -> dict[str, int]:
                 if isinstance(p, ts.SpartanMask):
                     out[f"{name}.{tname}"] = int(p.hard_mask.sum()) * p.block_numel
     return out
+
+
+# Reference block helpers for tests (independent of the library's own).
+def block_sizes(shape: tuple[int, ...], block: tuple[int, ...] | None) -> tuple[int, ...]:
+    return (1,) * len(shape) if block is None else tuple(block) + (1,) * (len(shape) - len(block))
+
+
+def block_reduce(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Sum over every block (one reshape per dim, then sum the in-block axes)."""
+    view: list[int] = []
+    for n, s in zip(x.shape, sizes, strict=True):
+        view += [n // s, s]
+    return x.reshape(view).sum(dim=tuple(range(1, 2 * x.dim(), 2)))
+
+
+def block_expand(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Repeat every block-grid entry over its block."""
+    for dim, s in enumerate(sizes):
+        y = y.repeat_interleave(s, dim=dim)
+    return y

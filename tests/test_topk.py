@@ -17,6 +17,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import torchspartan as ts
+import torchspartan._engine as engine_module
 import torchspartan._select as select_module
 import torchspartan.topk as topk_module
 from torchspartan._select import select_top_budget
@@ -246,7 +247,7 @@ def test_soft_backward_matches_autograd_through_reference_solver(problem: dict, 
 
 def test_soft_matches_reference_on_sampled_cold_start_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # long enough rows that the cold start comes from a strided sample
-    monkeypatch.setattr(topk_module, "_SAMPLE_SIZE", 512)
+    monkeypatch.setattr(engine_module, "SAMPLE_SIZE", 512)
     d = 4 * 512 + 123
     v = make_values(3, (2, d), "spread")
     c = make_costs(3, (2, d))
@@ -268,23 +269,24 @@ def test_soft_float32_meets_budget_on_large_problem() -> None:
     assert abs(float(r.mask.double().sum()) - 0.05 * d) <= 2e-6 * 0.05 * d
 
 
-def test_soft_topk_function_apply_without_validation_extras() -> None:
-    # the autograd Function with its documented seven arguments (no unit range passed)
+def test_soft_topk_result_outputs_are_not_differentiable() -> None:
+    # the budget is fixed: the thresholds and errors carry no gradient, and the gradient of
+    # the mask's sum (the spent budget) is zero
     v = make_values(2, (2, 9), "uniform").requires_grad_()
     budget = torch.tensor([3.0, 4.5], dtype=torch.float64)
     beta = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    mask, mu, iterations, error = ts.SoftTopK.apply(v, budget, beta, None, None, 1e-12, 100)
-    torch.testing.assert_close(mask, ts.soft_topk(v, budget, beta, tol=1e-12), rtol=0, atol=1e-10)
-    assert mu.shape == (2,) and int(iterations) >= 1 and float(error.max()) <= 1e-12
-    assert not mu.requires_grad and not error.requires_grad
-    mask.sum().backward()
-    assert v.grad is not None and float(v.grad.abs().max()) < 1e-9  # the budget is fixed
+    r = ts.soft_topk(v, budget, beta, tol=1e-12, return_result=True)
+    assert type(r.mask.grad_fn).__name__ == "SoftTopKBackward"
+    assert r.threshold.shape == (2,) and r.iterations >= 1 and float(r.budget_error.max()) <= 1e-12
+    assert not r.threshold.requires_grad and not r.budget_error.requires_grad
+    r.mask.sum().backward()
+    assert v.grad is not None and float(v.grad.abs().max()) < 1e-9
 
 
 @pytest.mark.parametrize("beta, most", [(1e3, 12), (1e5, 30)])
 def test_soft_float32_sharp_beta_stops_at_float32_resolution(beta: float, most: int) -> None:
     # with a sharp beta the float32 residual cannot reach tol; the solve must stop once the
-    # bracket on mu is below float32 resolution instead of bisecting float64 digits
+    # bracket on tau is below float32 resolution instead of bisecting float64 digits
     v = make_values(12, (20_000,), "uniform", torch.float32)
     r = ts.soft_topk(v, 500.5, beta, return_result=True)
     assert r.iterations <= most  # bisecting to float64 resolution would take about 50
@@ -313,10 +315,10 @@ def test_warm_start_same_mask_fewer_iterations() -> None:
     cold = ts.soft_topk(v, 100.0, 5.0, return_result=True)
     nearby = v * 1.001
     cold2 = ts.soft_topk(nearby, 100.0, 5.0, return_result=True)
-    warm = ts.soft_topk(nearby, 100.0, 5.0, mu_init=cold.mu, return_result=True)
+    warm = ts.soft_topk(nearby, 100.0, 5.0, threshold_init=cold.threshold, return_result=True)
     assert warm.iterations < cold2.iterations
     torch.testing.assert_close(warm.mask, cold2.mask, rtol=0, atol=1e-8)
-    same = ts.soft_topk(v, 100.0, 5.0, mu_init=cold.mu, return_result=True)
+    same = ts.soft_topk(v, 100.0, 5.0, threshold_init=cold.threshold, return_result=True)
     assert same.iterations == 1
     torch.testing.assert_close(same.mask, cold.mask, rtol=0, atol=0)
 
@@ -365,7 +367,7 @@ def test_hard_topk_selection_path_matches_sort_path(with_costs: bool,
     c = make_costs(8, (3, 600)).float() if with_costs else None
     budget = torch.tensor([1.0, 333.5, 599.25]) * (1 if c is None else c.mean(-1))
     sorted_path = ts.hard_topk(v, budget, c)
-    monkeypatch.setattr(topk_module, "_SELECT_MIN_LENGTH", 16)
+    monkeypatch.setattr(engine_module, "SELECT_MIN_LENGTH", 16)
     monkeypatch.setattr(select_module, "_SAMPLE_SIZE", 32)
     monkeypatch.setattr(select_module, "_MAX_SORTED", 8)
     assert torch.equal(ts.hard_topk(v, budget, c), sorted_path)
@@ -560,7 +562,8 @@ def test_bad_beta_raises_named_error(beta: object, error: type, match: str) -> N
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"tol": 0.0}, "tol"), ({"tol": math.nan}, "tol"), ({"max_iter": 0}, "max_iter"),
-     ({"mu_init": torch.zeros(3)}, "mu_init.*broadcast"), ({"mu_init": math.inf}, "mu_init")],
+     ({"threshold_init": torch.zeros(3)}, "threshold_init.*broadcast"),
+     ({"threshold_init": math.inf}, "threshold_init")],
 )
 def test_bad_solver_options_raise_named_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -8,12 +8,21 @@ import math
 
 import pytest
 import torch
-from helpers import batches, convnet, masked_kept, mlp, train
+from helpers import (
+    batches,
+    block_expand,
+    block_reduce,
+    block_sizes,
+    convnet,
+    masked_kept,
+    mlp,
+    train,
+)
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import torchspartan as ts
-from torchspartan.mask import block_expand, block_reduce, block_sizes
+
 
 torch.set_flush_denormal(True)
 
@@ -240,13 +249,25 @@ def test_exact_sparsity_global_and_uniform(block: tuple[int, ...] | None) -> Non
         assert abs(rep.masked_sparsity - 0.85) <= len(kept) * bnum / sum(numel.values())
 
 
+def capped_proportional(weights: list[float], sizes: list[int], kept: float) -> list[float]:
+    """Reference ERK densities: bisection on the scale eps of min(1, eps * w)."""
+    lo, hi = 0.0, 1e12
+    for _ in range(200):
+        eps = 0.5 * (lo + hi)
+        if sum(min(1.0, eps * w) * n for w, n in zip(weights, sizes, strict=True)) < kept:
+            lo = eps
+        else:
+            hi = eps
+    return [min(1.0, hi * w) for w in weights]
+
+
 def test_exact_sparsity_erk_and_cost_sensitive() -> None:
     model, opt = _kept_after_training(ts.ERK(), None)
     kept = masked_kept(model)
-    infos = opt._infos
+    infos = opt.updater.tensors
     scores = [sum(i.shape) / math.prod(i.shape) for i in infos]
-    dens = ts.policies._capped_proportional(scores, [i.numel for i in infos],
-                                            0.15 * sum(i.numel for i in infos))
+    dens = capped_proportional(scores, [i.numel for i in infos],
+                               0.15 * sum(i.numel for i in infos))
     for info, d in zip(infos, dens, strict=True):
         assert kept[info.name] == math.floor(d * info.numel + 0.5)
     assert len(set(round(k / i.numel, 2) for k, i in zip(kept.values(), infos, strict=True))) > 1
@@ -254,9 +275,9 @@ def test_exact_sparsity_erk_and_cost_sensitive() -> None:
     x = torch.randn(1, 1, 7, 7, dtype=torch.float64)
     model, opt = _kept_after_training(ts.CostSensitive(x), None)
     kept = masked_kept(model)
-    costs = {ly.name: ly.unit_cost for ly in opt._layers}
+    costs = {t.name: t.unit_cost for t in opt.updater.tensors}
     assert len(set(round(c, 6) for c in costs.values())) > 1  # conv entries cost more
-    budget = 0.15 * sum(i.cost for i in opt._infos)
+    budget = 0.15 * sum(i.cost for i in opt.updater.tensors)
     spent = sum(kept[n] * costs[n] for n in kept)
     assert abs(spent - budget) <= max(costs.values()) / 2
 

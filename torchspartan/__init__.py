@@ -2,41 +2,68 @@
 
 One flat namespace::
 
-    import torchspartan as ts
-    ts.soft_topk, ts.hard_topk, ts.SoftTopK                 # the mask operators
-    ts.SpartanMask, ts.sparsify                             # masks as parametrizations
-    ts.DualAveraging, ts.StepRecord                         # the training step
-    ts.Global, ts.Uniform, ts.ERK, ts.CostSensitive         # allocation policies
-    ts.linear, ts.cosine, ts.constant                       # schedules
-    ts.finalize, ts.sparsity_report                         # finishing
+    ts.soft_topk, ts.hard_topk, ts.SoftTopK, ts.SoftTopKResult     # the mask operators
+    ts.SpartanMask, ts.sparsify, ts.find_masks                      # masks as parametrizations
+    ts.Global, ts.Uniform, ts.ERK, ts.NM, ts.AllocationPolicy       # allocation policies
+    ts.Allocation, ts.MaskedTensor                                  # ... and what they speak
+    ts.UnitCost, ts.FlopCost, ts.CostModel, ts.CostSensitive        # cost models
+    ts.MaskUpdater, ts.StepRecord                                   # the mask update
+    ts.DualAveraging                                                # the training step
+    ts.linear, ts.cosine, ts.constant                               # schedules
+    ts.finalize, ts.sparsity_report                                 # finishing
+
+docs/design.md in the repository explains the maths and who owns which state.
 """
 
-from torchspartan.mask import SpartanMask, sparsify
-from torchspartan.optim import DualAveraging, StepRecord
-from torchspartan.policies import ERK, AllocationPolicy, CostSensitive, Global, Uniform
+from torchspartan.mask import SpartanMask
+from torchspartan.optim import DualAveraging
+from torchspartan.policies import (
+    ERK,
+    NM,
+    Allocation,
+    AllocationPolicy,
+    CostModel,
+    CostSensitive,
+    FlopCost,
+    Global,
+    MaskedTensor,
+    Uniform,
+    UnitCost,
+)
 from torchspartan.report import SparsityReport, finalize, sparsity_report
 from torchspartan.schedules import constant, cosine, linear
+from torchspartan.sparsify import MaskRef, find_masks, sparsify
 from torchspartan.topk import SoftTopK, SoftTopKResult, hard_topk, soft_topk
+from torchspartan.update import MaskUpdater, StepRecord
 
 __all__ = [
     "ERK",
+    "NM",
+    "Allocation",
     "AllocationPolicy",
+    "CostModel",
     "CostSensitive",
     "DualAveraging",
+    "FlopCost",
     "Global",
+    "MaskRef",
+    "MaskUpdater",
+    "MaskedTensor",
     "SoftTopK",
     "SoftTopKResult",
     "SparsityReport",
     "SpartanMask",
     "StepRecord",
     "Uniform",
+    "UnitCost",
     "constant",
     "cosine",
     "finalize",
+    "find_masks",
     "hard_topk",
     "linear",
     "soft_topk",
     "sparsify",
     "sparsity_report",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["select_top_budget"]
+__all__ = ["select_flat", "select_top_budget"]
 
 # Size of the strided sample that guesses the window, and the most candidates ordered by a sort
 # (more are narrowed again by the same selection applied to the candidates alone).
@@ -131,7 +131,7 @@ def select_top_budget(
         return _select_grouped(chunks, flat, groups, budget, hint, check)
     if check:
         _check_values(flat)
-    masks, threshold = _select(flat, list(cost_list), budget, hint)
+    masks, threshold = select_flat(flat, list(cost_list), budget, hint)
     return [m.view(t.shape) for m, t in zip(masks, chunks, strict=True)], threshold
 
 
@@ -168,7 +168,7 @@ def _select_grouped(
         except ValueError:
             _check_values(flat)  # raises naming the chunk
             raise
-    group_masks, threshold = _select(buffers, list(costs), budget, hint, tie_keys=tie_keys)
+    group_masks, threshold = select_flat(buffers, list(costs), budget, hint, tie_keys=tie_keys)
     masks: list[torch.Tensor] = [
         torch.zeros(t.shape, dtype=torch.bool, device=t.device) for t in chunks
     ]
@@ -259,7 +259,7 @@ class _Sample:
         return (lo, hi) if a > b else (a, b)
 
 
-def _select(
+def select_flat(
     us: list[torch.Tensor],
     cs: list[Cost],
     budget: float,
@@ -337,7 +337,7 @@ def _select(
             isinstance(c, float) for c in cs
         )
         sub_cost: Cost = float(cs[0]) if same else costs_c
-        sub_masks, threshold = _select([values_c], [sub_cost], remaining, None, depth + 1)
+        sub_masks, threshold = select_flat([values_c], [sub_cost], remaining, None, depth + 1)
         kept_c = sub_masks[0]
     else:
         order = torch.sort(values_c, descending=True, stable=True).indices

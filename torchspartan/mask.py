@@ -1,6 +1,6 @@
 """``SpartanMask``: the sparsity mask as a ``torch.nn.utils.parametrize`` parametrization.
 
-Registered on a weight ``theta``, the layer computes with (design.md section 3)::
+Registered on a weight ``theta``, the layer computes with (docs/design.md, "One training step")::
 
     spartan:  w = theta * m * h   m = sigmoid(beta * (u - tau)) the soft top-k mask,
                                   h the hard top-k mask, straight-through h in the backward
@@ -8,196 +8,30 @@ Registered on a weight ``theta``, the layer computes with (design.md section 3):
     gmp:      w = theta * h       backward masked by h (gradual magnitude pruning)
     fixed:    w = theta * h       a mask given by the user that never changes
 
-with ``u = |theta| / cost`` (block sums of ``|theta|`` over ``block`` for block masks). ``h``,
-``tau`` and ``beta`` are buffers of the mask, updated by :class:`torchspartan.DualAveraging`
-after each optimizer step, so a checkpoint of the model alone evaluates exactly. The Parameter
-``theta`` stays the same object from registration to :func:`torchspartan.finalize`.
-
-While bound to a :class:`~torchspartan.DualAveraging`, every mask of one allocation problem shares
-``tau`` through one autograd node, so ``theta.grad`` after ``backward()`` is the exact gradient
-through the global soft top-k (the cross-layer budget term included): gradient clipping,
-accumulation over micro-batches and DDP need nothing special. An unbound mask treats ``tau`` as a
-constant.
+with ``u = |theta| / cost`` (block sums of ``|theta|`` for block masks). The mask holds everything
+needed to evaluate the model, as buffers in ``model.state_dict()``: the hard mask ``h``, the
+threshold ``tau`` (one, or one per N:M group), ``beta``, the entry ``cost`` and ``frozen``. They are
+written through :meth:`SpartanMask.update` (by :class:`torchspartan.MaskUpdater` during training).
+The Parameter ``theta`` stays the same object from registration to :func:`torchspartan.finalize`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-if TYPE_CHECKING:
-    from torchspartan.optim import _Problem
+from torchspartan._blocks import block_mul, block_reduce, block_sizes
+from torchspartan._kernels import MaskedWeight, MaskSpec, Scope, soft_mask
+from torchspartan.coupling import Coupling
 
-__all__ = ["Method", "SpartanMask", "sparsify"]
+__all__ = ["Method", "SpartanMask"]
 
 Method = Literal["spartan", "topkast", "gmp", "fixed"]
 _METHODS = ("spartan", "topkast", "gmp", "fixed")
-
-
-def block_sizes(shape: Sequence[int], block: Sequence[int] | None) -> tuple[int, ...]:
-    """Per-dimension block sizes for a tensor ``shape`` (missing trailing dims are 1)."""
-    if block is None:
-        return (1,) * len(shape)
-    return tuple(block) + (1,) * (len(shape) - len(block))
-
-
-def _interleaved(shape: Sequence[int], sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    """Blocked view ``(n0/b0, b0, n1/b1, ...)`` of ``shape`` and its grid ``(n0/b0, 1, ...)``."""
-    inter: list[int] = []
-    grid: list[int] = []
-    for n, s in zip(shape, sizes, strict=True):
-        inter += [n // s, s]
-        grid += [n // s, 1]
-    return inter, grid
-
-
-def block_reduce(x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Sum ``x`` over each block; the result has the block-grid shape."""
-    if all(s == 1 for s in sizes):
-        return x
-    inter, _ = _interleaved(x.shape, sizes)
-    return x.reshape(inter).sum(dim=tuple(range(1, 2 * x.dim(), 2)))
-
-
-def block_expand(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Repeat each block-grid entry of ``y`` over its block (inverse shape of block_reduce)."""
-    if all(s == 1 for s in sizes):
-        return y
-    inter: list[int] = []
-    full: list[int] = []
-    out: list[int] = []
-    for n, s in zip(y.shape, sizes, strict=True):
-        inter += [n, 1]
-        full += [n, s]
-        out.append(n * s)
-    return y.reshape(inter).expand(full).reshape(out)
-
-
-def block_mul(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-    """``x * block_expand(y)`` by broadcasting over a blocked view: no expanded copy of ``y``."""
-    if all(s == 1 for s in sizes):
-        return x * y
-    inter, grid = _interleaved(x.shape, sizes)
-    return (x.reshape(inter) * y.reshape(grid)).reshape(x.shape)
-
-
-@dataclass
-class _LayerSpec:
-    """Everything the weight function needs for one layer at one step (no big tensors copied)."""
-
-    method: str  # "spartan", "topkast", "gmp" or "masked" (fine-tuning / fixed)
-    sizes: tuple[int, ...]
-    hard: torch.Tensor  # bool, block-grid shape
-    beta: torch.Tensor  # 0-dim; 0 disables the soft mask (m = 1)
-    cost: torch.Tensor  # 0-dim; cost of one block entry
-    soft: bool  # beta > 0, kept as a Python flag (no host sync, a stable compile guard)
-    tau: torch.Tensor  # 0-dim; the threshold of the soft mask
-
-
-def _is_plain(theta: torch.Tensor, spec: _LayerSpec) -> bool:
-    """Unstructured float32/float64 weight: the fused in-place paths apply."""
-    return theta.dtype in (torch.float32, torch.float64) and all(s == 1 for s in spec.sizes)
-
-
-def soft_mask(theta: torch.Tensor, spec: _LayerSpec) -> torch.Tensor:
-    """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape."""
-    v = block_reduce(theta.detach().abs(), spec.sizes)
-    if v.dtype in (torch.float16, torch.bfloat16):
-        v = v.float()
-    z = torch.addcmul(-spec.beta * spec.tau.detach(), v, spec.beta / spec.cost, out=v)
-    return torch.sigmoid_(z)
-
-
-class _MaskedWeight(torch.autograd.Function):
-    """w = theta * m * h with the backward of the method; the gradient to tau is returned too."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, theta: torch.Tensor, tau: torch.Tensor | None, spec: _LayerSpec
-    ) -> torch.Tensor:
-        ctx.spec = spec
-        ctx.save_for_backward(theta)
-        if spec.method == "spartan" and spec.soft:
-            m = soft_mask(theta, spec)
-            if _is_plain(theta, spec):  # in place: 5 passes in all, no extra temporary
-                return m.mul_(spec.hard).mul_(theta)
-            return block_mul(theta, m.mul_(spec.hard), spec.sizes).to(theta.dtype)
-        return block_mul(theta, spec.hard, spec.sizes)
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        (theta,) = ctx.saved_tensors
-        spec: _LayerSpec = ctx.spec
-        if spec.method == "spartan" and spec.soft and _is_plain(theta, spec):
-            # dL/dtheta = g m + (beta/c) a g |theta|,  dL/dtau = -beta sum(a g theta), with
-            # a = m (1 - m): 10 passes and two allocations (one is the result).
-            m = soft_mask(theta, spec)
-            b = torch.addcmul(m, m, m, value=-1).mul_(grad).mul_(theta)  # a g theta
-            grad_tau = (-spec.beta * b.sum()).reshape(()) if ctx.needs_input_grad[1] else None
-            torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
-            return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
-        if spec.method == "spartan" and spec.soft:  # blocks or low precision, block-grid m
-            m = soft_mask(theta, spec)
-            g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm
-            a = m * (1 - m)
-            ba_gm = a.mul_(g_m).mul_(spec.beta)  # beta * a * g_m
-            grad_tau = -ba_gm.sum(dtype=torch.float64)
-            dv = ba_gm.div_(spec.cost)  # dL/dv, block grid
-            inter, grid = _interleaved(theta.shape, spec.sizes)
-            grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
-                torch.sign(theta).reshape(inter), dv.reshape(grid))
-            return (grad_theta.reshape(theta.shape).to(grad.dtype),
-                    grad_tau.reshape(()) if ctx.needs_input_grad[1] else None, None)
-        if spec.method == "topkast":
-            return grad, None, None
-        return block_mul(grad, spec.hard, spec.sizes), None, None
-
-
-class _SharedThreshold(torch.autograd.Function):
-    """The shared ``tau`` of one allocation problem as a function of all its weights.
-
-    Its forward returns ``tau`` (computed by the mask update). Its backward receives
-    ``G = dL/dtau`` summed over every layer of the problem by autograd and adds the cross-layer
-    budget term ``dL/dv_j += G * beta_j a_j / S`` with ``S = sum_k c_k beta_k a_k`` (implicit
-    differentiation of the budget equation). It saves no tensors, so one node serves every
-    forward pass of a step (gradient accumulation).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, tau: torch.Tensor, problem: _Problem, specs: list[_LayerSpec],
-        *thetas: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.total_slope = problem.total_slope
-        ctx.specs = specs
-        ctx.thetas = thetas  # Parameters; alive anyway, unchanged within a step
-        return tau.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad_tau: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        g = grad_tau / ctx.total_slope
-        out: list[torch.Tensor | None] = [None, None, None]
-        for theta, spec in zip(ctx.thetas, ctx.specs, strict=True):
-            if not spec.soft:
-                out.append(None)
-                continue
-            m = soft_mask(theta, spec)
-            if _is_plain(theta, spec):  # beta G / S * m (1 - m) * sign(theta): 6 passes
-                a = m.addcmul_(m, m, value=-1)
-                out.append(torch.copysign(a, theta, out=a).mul_(g * spec.beta))
-                continue
-            dv = m.mul_(1 - m).mul_((g * spec.beta).to(m.dtype))
-            out.append(block_mul(torch.sign(theta), dv, spec.sizes).to(theta.dtype))
-        return tuple(out)
 
 
 class SpartanMask(nn.Module):
@@ -209,7 +43,7 @@ class SpartanMask(nn.Module):
             kept or dropped whole, scored by the sum of ``|theta|`` in it, costing its size.
             Every block size must divide its dimension.
         mask: for ``method="fixed"``: the bool mask to keep (weight shape, or block-grid shape).
-        min_density, max_density: bounds on this tensor's density under global allocation.
+        min_density, max_density: bounds on this tensor's density when it shares a budget.
 
     Raises:
         ValueError: unknown method, a block that does not divide the weight (names both
@@ -221,14 +55,15 @@ class SpartanMask(nn.Module):
         >>> layer = torch.nn.Linear(8, 4)
         >>> parametrize.register_parametrization(layer, "weight", ts.SpartanMask(block=(2, 2)))
         ParametrizedLinear(...)
-        >>> layer.weight.shape
-        torch.Size([4, 8])
+        >>> layer.parametrizations.weight[0].hard_mask.shape
+        torch.Size([2, 4])
     """
 
     hard_mask: torch.Tensor
     threshold: torch.Tensor
     beta: torch.Tensor
     cost: torch.Tensor
+    frozen: torch.Tensor
 
     def __init__(
         self,
@@ -260,14 +95,17 @@ class SpartanMask(nn.Module):
         self.min_density = float(min_density)
         self.max_density = float(max_density)
         self._initial_mask = mask
-        self._problem: _Problem | None = None
-        self.frozen = False
+        self._coupling: Coupling | None = None
+        self._scope: Scope = "none"
+        # Python mirrors of buffers the forward branches on (no host sync, stable compile guards)
         self.soft_active = False
+        self.is_frozen = False
         self.register_buffer("hard_mask", None)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("beta", torch.zeros((), dtype=torch.float64))
         self.register_buffer("cost", torch.ones((), dtype=torch.float64))
-        self.register_load_state_dict_post_hook(self._refresh_soft_flag)
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(self._refresh_flags)
 
     # -- parametrization protocol -------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
@@ -292,29 +130,98 @@ class SpartanMask(nn.Module):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.hard_mask is None:
             self.right_inverse(theta)
-        spec = self.layer_spec()
-        problem = self._problem
+        spec = self.spec()
+        tau: torch.Tensor | None = None
         if (
-            problem is not None
+            spec.scope == "shared"
+            and self._coupling is not None
             and spec.soft
             and spec.method == "spartan"
             and torch.is_grad_enabled()
             and theta.requires_grad
         ):
-            tau: torch.Tensor | None = problem.shared_threshold()  # compiler-disabled
-        else:
-            tau = None
-        return _MaskedWeight.apply(theta, tau, spec)
+            tau = self._coupling.threshold()  # compiler-disabled
+        return MaskedWeight.apply(theta, tau, spec)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> SpartanMask:
-        """``model.half()``/``.to(dtype)`` must not round tau, beta and cost: keep them float64."""
-        scalars = {n: getattr(self, n) for n in ("threshold", "beta", "cost")}
-        super()._apply(fn, recurse)
-        for name, before in scalars.items():
-            after = getattr(self, name)
-            if after.dtype != torch.float64:
-                setattr(self, name, before.to(device=after.device))
-        return self
+    # -- state, written through update / freeze ---------------------------------------
+    def update(
+        self,
+        hard_mask: torch.Tensor,
+        *,
+        threshold: torch.Tensor | float = 0.0,
+        beta: float = 0.0,
+        cost: float | None = None,
+        scope: Scope = "none",
+        coupling: Coupling | None = None,
+    ) -> None:
+        """Write the mask state of the next step.
+
+        Args:
+            hard_mask: bool, the block-grid shape of the weight.
+            threshold: ``tau``: a number, a 0-dim tensor, or one per N:M group (a 1-D tensor of
+                ``numel / m`` entries; groups of ``m`` along dim 1).
+            beta: the soft mask's sharpness; ``0`` turns the soft mask off (``w = theta * h``).
+            cost: the cost of one block-grid entry (unchanged when ``None``).
+            scope: where the threshold's budget lives (``"local"``: the mask's own segments;
+                ``"shared"``: with ``coupling``; ``"none"``: ``tau`` treated as a constant).
+            coupling: the :class:`~torchspartan.coupling.Coupling` of a shared budget.
+        """
+        if hard_mask.shape != self.hard_mask.shape or hard_mask.dtype != torch.bool:
+            raise ValueError(
+                f"hard_mask must be a bool tensor of shape {tuple(self.hard_mask.shape)}, got "
+                f"{hard_mask.dtype} {tuple(hard_mask.shape)}"
+            )
+        self.hard_mask = hard_mask
+        tau = torch.as_tensor(threshold, dtype=torch.float64).to(self.threshold.device)
+        if tau.shape == self.threshold.shape:
+            self.threshold.copy_(tau)
+        else:
+            self.threshold = tau.clone()
+        self.beta.fill_(beta)
+        if cost is not None:
+            self.cost.fill_(cost)
+        self.soft_active = beta > 0
+        if self._coupling is not None and self._coupling is not coupling:
+            self._coupling._cache = None
+        self._coupling = coupling
+        self._scope = scope if beta > 0 else "none"
+
+    def unbind(self, coupling: Coupling | None = None) -> None:
+        """Drop the shared threshold (``tau`` becomes a constant); only ``coupling``'s if given."""
+        if coupling is None or self._coupling is coupling:
+            self._coupling = None
+            if self._scope == "shared":
+                self._scope = "none"
+
+    def factor(self, theta: torch.Tensor) -> torch.Tensor:
+        """``m * h`` (``h`` alone with the soft mask off), block-grid shape, for ``theta``."""
+        spec = self.spec()
+        if spec.method == "spartan" and spec.soft:
+            return soft_mask(theta, spec).mul_(spec.hard)
+        return spec.hard
+
+    @torch.no_grad()
+    def freeze(self, theta: torch.Tensor) -> None:
+        """Fine-tuning: fold ``theta <- theta * m * h`` once; then ``w = theta * h`` for good."""
+        theta.copy_(block_mul(theta, self.factor(theta), self.spec().sizes))
+        self.update(self.hard_mask, threshold=self.threshold, beta=0.0)
+        self.frozen.fill_(True)
+        self.is_frozen = True
+
+    def thaw(self) -> None:
+        """Undo the frozen flag (a resumed checkpoint taken before the freeze)."""
+        self.frozen.fill_(False)
+        self.is_frozen = False
+
+    def spec(self) -> MaskSpec:
+        """The per-step description the weight function computes with."""
+        sizes = block_sizes(self.hard_mask.shape, self.block)
+        method = "masked" if (self.is_frozen or self.method == "fixed") else self.method
+        group = None
+        if self.threshold.dim() == 1:
+            group = self.hard_mask.numel() // self.threshold.numel()
+        return MaskSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
+                        self.threshold, group, self._scope)
 
     # -- helpers ------------------------------------------------------------------------
     def _sizes_for(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -329,6 +236,7 @@ class SpartanMask(nn.Module):
         return block_sizes(shape, self.block)
 
     def grid_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the hard mask for a weight of ``shape`` (one entry per block)."""
         sizes = self._sizes_for(shape)
         return tuple(n // s for n, s in zip(shape, sizes, strict=True))
 
@@ -336,21 +244,29 @@ class SpartanMask(nn.Module):
     def block_numel(self) -> int:
         return math.prod(self.block) if self.block is not None else 1
 
-    def layer_spec(self) -> _LayerSpec:
-        sizes = block_sizes(self.hard_mask.shape, self.block)
-        method = "masked" if (self.frozen or self.method == "fixed") else self.method
-        return _LayerSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
-                          self.threshold)
+    def _apply(self, fn: Any, recurse: bool = True) -> SpartanMask:
+        """``model.half()``/``.to(dtype)`` must not round tau, beta and cost: keep them float64."""
+        scalars = {n: getattr(self, n) for n in ("threshold", "beta", "cost")}
+        super()._apply(fn, recurse)
+        for name, before in scalars.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float64:
+                setattr(self, name, before.to(device=after.device))
+        return self
 
-    def set_soft(self, beta: float, tau: float | None = None) -> None:
-        """Set the soft mask's sharpness (0 turns it off) and, if given, its threshold."""
-        self.beta.fill_(beta)
-        if tau is not None:
-            self.threshold.fill_(tau)
-        self.soft_active = beta > 0
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # An N:M threshold has one entry per group; a checkpoint of release 0.1 has no 'frozen'.
+        tau = state_dict.get(prefix + "threshold")
+        if isinstance(tau, torch.Tensor) and tau.shape != self.threshold.shape:
+            self.threshold = torch.empty_like(tau, dtype=torch.float64,
+                                              device=self.threshold.device)
+        if prefix + "frozen" not in state_dict:
+            state_dict[prefix + "frozen"] = self.frozen.clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def _refresh_soft_flag(self, *_: Any) -> None:
+    def _refresh_flags(self, *_: Any) -> None:
         self.soft_active = bool(self.beta > 0)
+        self.is_frozen = bool(self.frozen)
 
     def extra_repr(self) -> str:
         s = f"method={self.method!r}"
@@ -359,106 +275,14 @@ class SpartanMask(nn.Module):
         return s
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SpartanMask:
-        """Copies are unbound from the optimizer (same masks, same outputs)."""
+        """Copies are unbound from any coupling (same masks, same outputs)."""
+        import copy
+
         cls = self.__class__
         new = cls.__new__(cls)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k == "_problem":
-                new.__dict__[k] = None
-            else:
-                import copy
-
-                new.__dict__[k] = copy.deepcopy(v, memo)
+            new.__dict__[k] = None if k == "_coupling" else copy.deepcopy(v, memo)
+        if new._scope == "shared":
+            new._scope = "none"
         return new
-
-
-def _parametrized_masks(model: nn.Module) -> list[tuple[str, nn.Module, str, SpartanMask, int]]:
-    """``(qualified name, module, tensor name, mask, position in its list)`` for every mask."""
-    found = []
-    for mod_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tensor_name, plist in module.parametrizations.items():
-            for pos, p in enumerate(plist):
-                if isinstance(p, SpartanMask):
-                    qual = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
-                    found.append((qual, module, tensor_name, p, pos))
-    return found
-
-
-_DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.Embedding,
-)
-
-
-def sparsify(
-    model: nn.Module,
-    include: Iterable[type[nn.Module]] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    *,
-    names: str | None = None,
-    exclude: Iterable[str] = (),
-    method: Method = "spartan",
-    block: Sequence[int] | None = None,
-    min_density: float = 0.0,
-    max_density: float = 1.0,
-) -> list[str]:
-    """Register a :class:`SpartanMask` on the weights of the chosen layers of ``model``.
-
-    A layer is chosen when it is an instance of one of ``include``, its qualified name matches
-    the regular expression ``names`` (if given, ``re.search``), and matches none of ``exclude``.
-    For ``nn.MultiheadAttention`` the input projection ``in_proj_weight`` is masked (its output
-    projection is an ``nn.Linear`` and chosen on its own). Layers whose weight a ``block`` does
-    not divide raise an error naming the layer; exclude them explicitly.
-
-    Returns:
-        The qualified names of the masked tensors, e.g. ``["conv1.weight", "fc.weight"]``.
-
-    Raises:
-        ValueError: nothing matched, a bad pattern, or a block that does not divide a weight.
-
-    Example:
-        >>> import torch, torchspartan as ts
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
-        ...                             torch.nn.Linear(8, 2))
-        >>> ts.sparsify(model, exclude=[r"^2$"])
-        ['0.weight']
-    """
-    include = tuple(include)
-    excl = [re.compile(p) for p in exclude]
-    pattern = re.compile(names) if names is not None else None
-    chosen: list[tuple[str, nn.Module, str]] = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, include):
-            continue
-        if pattern is not None and not pattern.search(mod_name):
-            continue
-        if any(p.search(mod_name) for p in excl):
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            if getattr(module, "in_proj_weight", None) is None:
-                continue
-            chosen.append((mod_name, module, "in_proj_weight"))
-        elif isinstance(getattr(module, "weight", None), torch.Tensor):
-            chosen.append((mod_name, module, "weight"))
-    if not chosen:
-        raise ValueError(
-            f"sparsify matched no layer (include={[t.__name__ for t in include]}, "
-            f"names={names!r}, exclude={list(exclude)!r}); check the types and patterns against "
-            f"[name for name, _ in model.named_modules()]"
-        )
-    out = []
-    for mod_name, module, tensor_name in chosen:
-        qual = f"{mod_name}.{tensor_name}" if mod_name else tensor_name
-        if parametrize.is_parametrized(module, tensor_name) and any(
-            isinstance(p, SpartanMask)
-            for p in module.parametrizations[tensor_name]  # type: ignore[index]
-        ):
-            raise ValueError(f"{qual} already has a SpartanMask; register it once")
-        try:
-            mask = SpartanMask(method, block, min_density=min_density, max_density=max_density)
-            parametrize.register_parametrization(module, tensor_name, mask)
-        except ValueError as e:
-            raise ValueError(f"{qual}: {e}") from None
-        out.append(qual)
-    return out

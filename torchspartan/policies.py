@@ -1,78 +1,196 @@
-"""Allocation policies: how a sparsity budget is split over the masked tensors (design.md 4).
+"""Allocation policies: how a density turns the masked tensors into budgeted problems.
 
-A policy is a small object with one job: given the masked tensors and the overall density of
-this step, say which tensors share one budget (an allocation problem, solved as one soft and
-one hard top-k) and at which density. ``DualAveraging`` then enforces each mask's
-``min_density``/``max_density`` by fixing violators at their bound and re-solving the rest.
+A policy is a small object with one job: given what it knows of the masked tensors
+(:class:`MaskedTensor`) and the density of this step, return the :class:`Allocation` s, each a set
+of tensors sharing one budget of ``density * their total cost`` (or, with ``group``, every row of
+``group`` consecutive entries along the input dimension keeping ``density * group`` of them).
+Every allocation is solved by the one engine (docs/design.md) as a soft and a hard top-k.
+
+Costs are a separate choice, a :class:`CostModel` given to the policy: :class:`UnitCost`
+(count weights) or :class:`FlopCost` (an entry costs the multiply-adds it causes per sample), so
+for example ``ts.ERK(costs=ts.FlopCost(x))`` allocates ERK densities under a FLOP budget.
 
 - :class:`Global`: one budget over all masked tensors (the paper's default).
 - :class:`Uniform`: every tensor at the same density, each its own problem.
 - :class:`ERK`: Erdos-Renyi-Kernel densities (Evci et al. 2020), capped at 1.
-- :class:`CostSensitive`: global, with entries costed by the multiply-adds they cause per
-  sample (FLOPs), so the budget is on compute rather than on count.
+- :class:`NM`: N:M sparsity, ``n`` kept in every group of ``m`` consecutive input weights.
+
+A custom policy subclasses :class:`AllocationPolicy` and overrides ``allocate``; the README shows
+one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ERK", "AllocationPolicy", "CostSensitive", "Global", "LayerInfo", "Uniform"]
+__all__ = [
+    "ERK",
+    "NM",
+    "Allocation",
+    "AllocationPolicy",
+    "CostModel",
+    "CostSensitive",
+    "FlopCost",
+    "Global",
+    "MaskedTensor",
+    "Uniform",
+    "UnitCost",
+]
 
 
 @dataclass(frozen=True)
-class LayerInfo:
-    """What a policy knows of one masked tensor."""
+class MaskedTensor:
+    """What a policy knows of one masked tensor.
+
+    Attributes:
+        name: qualified name, e.g. ``"layer1.0.conv1.weight"``.
+        shape: the weight's shape.
+        block: the mask's block shape, or ``None`` for an unstructured mask.
+        unit_cost: cost of one weight entry under the policy's cost model (mean 1 over all
+            masked weights).
+    """
 
     name: str
     shape: tuple[int, ...]
-    numel: int
-    unit_cost: float  # cost of one weight entry (1 unless cost-sensitive)
+    block: tuple[int, ...] | None = None
+    unit_cost: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def cost(self) -> float:
+        """Cost of the whole tensor: ``numel * unit_cost``."""
         return self.numel * self.unit_cost
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """One allocation problem: these tensors share a budget of ``density * sum(costs)``."""
+    """One budgeted problem: ``tensors`` (indices into the policy's list) at ``density``.
 
-    indices: tuple[int, ...]
+    Without ``group`` the tensors share one budget of ``density * sum of their costs``; the most
+    valuable entries anywhere among them are kept. With ``group = m``, every run of ``m``
+    consecutive entries along dim 1 (the input dimension) of each tensor is its own problem with
+    budget ``density * m`` (N:M sparsity).
+    """
+
+    tensors: tuple[int, ...]
     density: float
+    group: int | None = None
 
 
-class AllocationPolicy:
-    """Base class: global allocation with unit costs. Override ``allocate``/``unit_costs``."""
+class CostModel:
+    """The cost of one weight entry of each masked tensor; the base class counts weights."""
 
-    def unit_costs(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> list[float]:
-        """Cost of one weight entry of each masked tensor (``layers``: (name, owning module))."""
-        return [1.0] * len(layers)
-
-    def allocate(self, layers: Sequence[LayerInfo], density: float) -> list[Allocation]:
-        return [Allocation(tuple(range(len(layers))), density)]
+    def unit_costs(self, model: nn.Module, modules: Sequence[nn.Module]) -> list[float]:
+        """Raw cost of one entry of each masked tensor (``modules``: the owning modules)."""
+        return [1.0] * len(modules)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
+class UnitCost(CostModel):
+    """Every weight costs 1: budgets count weights."""
+
+
+@dataclass(eq=False)
+class FlopCost(CostModel):
+    """An entry costs the multiply-adds it causes per sample.
+
+    Measured by one forward pass of ``example_input`` with hooks on the owning modules: a
+    ``Conv{1,2,3}d`` weight entry costs the number of output positions (``H_out * W_out`` for 2-D),
+    a ``Linear`` weight entry the number of tokens per sample (product of the output's middle
+    dims, 1 for a ``(batch, features)`` output), anything else 1.
+
+    Args:
+        example_input: a tensor, or a tuple of positional arguments, with batch size >= 1.
+    """
+
+    example_input: torch.Tensor | tuple[Any, ...] = field(repr=False)
+
+    def unit_costs(self, model: nn.Module, modules: Sequence[nn.Module]) -> list[float]:
+        seen: dict[int, float] = {}
+
+        def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                seen[id(mod)] = float(math.prod(out.shape[2:]))
+            elif isinstance(mod, nn.Linear):
+                seen[id(mod)] = float(math.prod(out.shape[1:-1]))
+
+        handles = [m.register_forward_hook(hook) for m in modules]
+        was_training = model.training
+        try:
+            model.eval()
+            args = self.example_input if isinstance(self.example_input, tuple) else (
+                self.example_input,)
+            with torch.no_grad():
+                model(*args)
+        finally:
+            model.train(was_training)
+            for h in handles:
+                h.remove()
+        return [seen.get(id(m), 1.0) for m in modules]
+
+    def __repr__(self) -> str:
+        return "FlopCost(...)"
+
+
+class AllocationPolicy:
+    """Base class of the policies: one budget over all tensors. Override :meth:`allocate`.
+
+    Args:
+        costs: the cost model (default :class:`UnitCost`).
+    """
+
+    def __init__(self, costs: CostModel | None = None) -> None:
+        if costs is not None and not isinstance(costs, CostModel):
+            raise TypeError(
+                f"costs must be a ts.CostModel (ts.UnitCost() or ts.FlopCost(example_input)), "
+                f"got {type(costs).__name__}"
+            )
+        self.costs: CostModel = costs if costs is not None else UnitCost()
+
+    def allocate(self, tensors: Sequence[MaskedTensor], density: float) -> list[Allocation]:
+        """The problems of one step: ``density`` is the kept fraction of the tensors' total cost."""
+        return [Allocation(tuple(range(len(tensors))), density)]
+
+    def check(self, tensors: Sequence[MaskedTensor], final_density: float) -> None:
+        """Raise ``ValueError`` if the policy cannot serve these tensors at ``final_density``."""
+
+    def __repr__(self) -> str:
+        costs = "" if isinstance(self.costs, UnitCost) else f"costs={self.costs!r}"
+        return f"{type(self).__name__}({costs})"
+
+
 class Global(AllocationPolicy):
-    """One budget over all masked tensors: the most important entries anywhere are kept."""
+    """One budget over all masked tensors: the most valuable entries anywhere are kept."""
+
+
+class CostSensitive(Global):
+    """``Global`` under a FLOP budget: shorthand for ``ts.Global(costs=ts.FlopCost(x))``."""
+
+    def __init__(self, example_input: torch.Tensor | tuple[Any, ...]) -> None:
+        super().__init__(FlopCost(example_input))
 
 
 class Uniform(AllocationPolicy):
     """Every masked tensor gets the same density, as independent problems."""
 
-    def allocate(self, layers: Sequence[LayerInfo], density: float) -> list[Allocation]:
-        return [Allocation((i,), density) for i in range(len(layers))]
+    def allocate(self, tensors: Sequence[MaskedTensor], density: float) -> list[Allocation]:
+        return [Allocation((i,), density) for i in range(len(tensors))]
 
 
-def _capped_proportional(
+def capped_proportional(
     weights: Sequence[float], sizes: Sequence[float], kept: float
 ) -> list[float]:
     """Densities ``min(1, eps * w_i)`` with ``sum(d_i n_i) = kept``, capping and redistributing."""
@@ -91,76 +209,92 @@ def _capped_proportional(
 class ERK(AllocationPolicy):
     """Erdos-Renyi-Kernel: density of a tensor proportional to ``sum(dims) / prod(dims)``.
 
-    Scaled so the total matches the overall density; tensors that would exceed density 1 are
-    kept dense and the remainder is redistributed (Evci et al., "Rigging the Lottery", 2020).
+    Scaled so that the kept cost matches the overall density (with :class:`FlopCost`, the kept
+    FLOPs); tensors that would exceed density 1 stay dense and the rest is redistributed
+    (Evci et al., "Rigging the Lottery", 2020).
 
     Args:
         power: exponent on the ERK score (1.0 is the original; 0 gives uniform).
+        costs: the cost model (default :class:`UnitCost`).
     """
 
-    def __init__(self, power: float = 1.0) -> None:
-        if not (power >= 0 and math.isfinite(power)):
+    def __init__(self, power: float = 1.0, *, costs: CostModel | None = None) -> None:
+        super().__init__(costs)
+        if not (isinstance(power, (int, float)) and power >= 0 and math.isfinite(power)):
             raise ValueError(f"ERK power must be finite and >= 0, got {power!r}")
         self.power = float(power)
 
-    def allocate(self, layers: Sequence[LayerInfo], density: float) -> list[Allocation]:
-        scores = [(sum(li.shape) / math.prod(li.shape)) ** self.power for li in layers]
-        sizes = [float(li.numel) for li in layers]
-        densities = _capped_proportional(scores, sizes, density * sum(sizes))
+    def allocate(self, tensors: Sequence[MaskedTensor], density: float) -> list[Allocation]:
+        scores = [(sum(t.shape) / math.prod(t.shape)) ** self.power for t in tensors]
+        sizes = [t.cost for t in tensors]
+        densities = capped_proportional(scores, sizes, density * sum(sizes))
         return [Allocation((i,), d) for i, d in enumerate(densities)]
 
     def __repr__(self) -> str:
-        return f"ERK(power={self.power})"
+        costs = "" if isinstance(self.costs, UnitCost) else f", costs={self.costs!r}"
+        return f"ERK(power={self.power}{costs})"
 
 
-class CostSensitive(AllocationPolicy):
-    """Global allocation with a FLOP budget: an entry costs the multiply-adds it causes.
+class NM(AllocationPolicy):
+    """N:M sparsity: ``n`` kept in every group of ``m`` consecutive weights along dim 1.
 
-    Costs come from one forward pass of ``example_input`` with hooks on the owning modules: a
-    ``Conv{1,2,3}d`` weight entry costs the number of output positions (``H_out * W_out`` for 2-D),
-    a ``Linear`` weight entry the number of tokens per sample (product of the output's middle
-    dims, 1 for a ``(batch, features)`` output), anything else 1. Costs are normalised to mean 1
-    per weight, and the density then means the kept fraction of those FLOPs.
+    Dim 1 is the input dimension of ``Linear`` (``out x in``) and ``Conv`` (``out x in x k...``)
+    weights, the layout that 2:4 sparse kernels use. Every group is its own soft and hard top-k
+    (solved together as one batched problem). While the density anneals from 1 to ``n / m`` each
+    group keeps ``round(density * m)`` weights; at the target exactly ``n`` in every group, so
+    ``ts.finalize`` leaves an exact N:M pattern.
 
     Args:
-        example_input: a tensor, or a tuple of positional arguments, with batch size >= 1.
+        n: weights kept per group, ``1 <= n < m``.
+        m: group length (4 for 2:4 and 1:4).
+
+    Raises:
+        ValueError: bad ``n``/``m``; (when training) a tensor whose dim 1 is not a multiple of
+            ``m``, a block mask, or a target density other than ``n / m``.
     """
 
-    def __init__(self, example_input: torch.Tensor | tuple[Any, ...]) -> None:
-        self.example_input = example_input
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__()
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (n, m))
+        if not (ok and 1 <= n < m):
+            raise ValueError(f"NM(n, m) needs integers 1 <= n < m (e.g. NM(2, 4)), got {n!r}, "
+                             f"{m!r}")
+        self.n, self.m = n, m
 
-    def unit_costs(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> list[float]:
-        seen: dict[int, float] = {}
+    def allocate(self, tensors: Sequence[MaskedTensor], density: float) -> list[Allocation]:
+        return [Allocation((i,), density, group=self.m) for i in range(len(tensors))]
 
-        def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
-            if not isinstance(out, torch.Tensor):
-                return
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                seen[id(mod)] = float(math.prod(out.shape[2:]))
-            elif isinstance(mod, nn.Linear):
-                seen[id(mod)] = float(math.prod(out.shape[1:-1]))
-
-        handles = [m.register_forward_hook(hook) for _, m in layers]
-        was_training = model.training
-        try:
-            model.eval()
-            args = self.example_input if isinstance(self.example_input, tuple) else (
-                self.example_input,)
-            with torch.no_grad():
-                model(*args)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
-        raw = [seen.get(id(m), 1.0) for _, m in layers]
-        return raw
+    def check(self, tensors: Sequence[MaskedTensor], final_density: float) -> None:
+        for t in tensors:
+            if t.block is not None:
+                raise ValueError(
+                    f"{t.name}: NM({self.n}, {self.m}) groups single weights, but this mask has "
+                    f"block={t.block}; register it without a block"
+                )
+            if len(t.shape) < 2 or t.shape[1] % self.m:
+                raise ValueError(
+                    f"{t.name} of shape {t.shape}: NM({self.n}, {self.m}) needs dim 1 (the input "
+                    f"dimension) to be a multiple of {self.m}; exclude this tensor from the masks"
+                )
+        if abs(final_density - self.n / self.m) > 1e-9:
+            raise ValueError(
+                f"NM({self.n}, {self.m}) keeps {self.n} of every {self.m} weights, a density of "
+                f"{self.n / self.m:g}, but the target density of the masked tensors is "
+                f"{final_density:.6g}; use sparsity={1 - self.n / self.m:g} with "
+                f"sparsity_of='masked'"
+            )
 
     def __repr__(self) -> str:
-        return "CostSensitive(...)"
+        return f"NM({self.n}, {self.m})"
 
 
 def normalise_costs(raw: Sequence[float], sizes: Sequence[int]) -> list[float]:
     """Scale costs so that their mean over all weight entries is 1."""
     total = sum(c * n for c, n in zip(raw, sizes, strict=True))
+    if not (total > 0 and math.isfinite(total)):
+        raise ValueError(
+            f"the cost model gave costs {list(raw)[:5]}...: costs must be finite and > 0; fix the "
+            f"CostModel.unit_costs that produced them"
+        )
     scale = sum(sizes) / total
     return [c * scale for c in raw]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchspartan.mask import _parametrized_masks
+from torchspartan.sparsify import find_masks
 
 __all__ = ["SparsityReport", "SparsityRow", "finalize", "sparsity_report"]
 
@@ -33,12 +33,12 @@ def finalize(model: nn.Module) -> None:
         >>> layer.weight is weight, list(layer.state_dict())
         (True, ['bias', 'weight'])
     """
-    found = _parametrized_masks(model)
+    found = find_masks(model)
     if not found:
         raise ValueError("finalize: the model has no SpartanMask (already finalized?)")
-    for _, module, tensor_name, mask, _ in found:
-        mask._problem = None
-        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    for r in found:
+        r.mask.unbind()
+        parametrize.remove_parametrizations(r.module, r.tensor_name, leave_parametrized=True)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         >>> print(ts.sparsity_report(torch.nn.Linear(2, 2)).overall_sparsity)
         0.0
     """
-    masked = {q for q, *_ in _parametrized_masks(model)}
+    masked = {r.name for r in find_masks(model)}
     rows = []
     for mod_name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):

@@ -1,17 +1,22 @@
-"""Soft and hard top-k with costs: the mask operators of Spartan.
+"""Soft and hard top-k with costs: the mask operators of Spartan, as used by training.
 
 The soft top-k is the entropy-regularised fractional knapsack (an optimal transport between the
-entries and the two bins "keep" and "drop")::
+entries and the two bins "keep" and "drop"), with a temperature ``c_i / beta_i`` per entry::
 
-    maximise  sum_i v_i m_i + (1/beta) sum_i c_i H(m_i)   subject to  sum_i c_i m_i = B,
+    maximise  sum_i v_i m_i + sum_i (c_i / beta_i) H(m_i)   subject to  sum_i c_i m_i = B,
 
-whose solution is ``m_i = sigmoid(beta * v_i / c_i + mu)`` for the unique scalar ``mu`` that meets
-the budget. ``mu`` is found by a safeguarded Newton iteration (no sort), and the backward pass is
-the closed form of implicit differentiation, O(d).
+whose solution is ``m_i = sigmoid(beta_i * (v_i / c_i - tau))`` for the unique threshold ``tau``
+that meets the budget. ``tau`` is found by a safeguarded Newton iteration (no sort) and the
+backward pass is the closed form of implicit differentiation, O(d), cross-tensor term included.
+The same engine (``_engine.py``) computes the masks during training (docs/design.md).
 
-The hard top-k keeps the entries of highest unit value ``v_i / c_i`` (ties: lower index first)
+The hard top-k keeps the entries of highest unit value ``v_i / c_i`` (ties: lower position first)
 whose cumulative cost fits the budget, an entry counting as fitting when at least half of its cost
 fits; with unit costs that is exactly ``floor(B + 0.5)`` entries.
+
+Both take one tensor ``(*, d)`` (every row its own problem) or a list of tensors that an
+allocation policy turns into problems (default :class:`~torchspartan.Global`: one budget over
+all of them).
 
 Reference: Tai, Tian & Lim, "Spartan: Differentiable Sparsity via Regularized Transportation",
 NeurIPS 2022, arXiv:2205.14107.
@@ -20,17 +25,21 @@ NeurIPS 2022, arXiv:2205.14107.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
 
-from torchspartan._select import _select
-from torchspartan._solver import safeguarded_newton
+from torchspartan._blocks import from_rows, to_rows
+from torchspartan._engine import Piece, hard_select, select_rows, soft_backward, solve_soft
+from torchspartan.policies import AllocationPolicy, Global, MaskedTensor
 
 __all__ = ["SoftTopK", "SoftTopKResult", "hard_topk", "soft_topk"]
 
 Budget = float | torch.Tensor
+Values = torch.Tensor | Sequence[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,15 +47,16 @@ class SoftTopKResult:
     """What ``soft_topk(..., return_result=True)`` returns.
 
     Attributes:
-        mask: the soft mask, same shape and dtype as ``values``.
-        mu: the dual variable of each problem, shape ``(*,)``, float64; pass it back as
-            ``mu_init`` to warm-start a nearby problem.
+        mask: the soft mask: same shape and dtype as ``values`` (a list for a list).
+        threshold: ``tau`` of every problem, float64: shape ``(*,)`` for a tensor ``(*, d)``;
+            one per segment of the policy's problems for a list (one for Global). Pass it back
+            as ``threshold_init`` to warm-start a nearby problem.
         iterations: number of evaluations of the budget residual the solve used.
-        budget_error: ``|sum(costs * mask) - budget| / budget`` per problem, shape ``(*,)``.
+        budget_error: ``|sum(costs * mask) - budget| / budget`` per problem.
     """
 
-    mask: torch.Tensor
-    mu: torch.Tensor
+    mask: torch.Tensor | list[torch.Tensor]
+    threshold: torch.Tensor
     iterations: int
     budget_error: torch.Tensor
 
@@ -108,9 +118,10 @@ def _as_problem_tensor(
 ) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         _check_float(name, x)
-    elif isinstance(x, bool) or not isinstance(x, (int, float)):
+    elif isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a number or a floating-point tensor, got {x!r}")
-    t = torch.as_tensor(x, dtype=torch.float64, device=like.device)
+    t = torch.as_tensor(x if isinstance(x, torch.Tensor) else float(x), dtype=torch.float64,
+                        device=like.device)
     try:
         return torch.broadcast_to(t, batch_shape).clone()
     except RuntimeError:
@@ -204,219 +215,314 @@ def _check_beta(beta: Budget, values: torch.Tensor) -> torch.Tensor:
     return beta_t
 
 
-# Problems with at least this many entries get their cold start from a strided sample.
-_SAMPLE_SIZE = 1 << 14
 
 
-def _cold_start(
-    values: torch.Tensor,
-    costs: torch.Tensor | None,
-    budget: torch.Tensor,
-    beta: torch.Tensor,
-    total: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-) -> torch.Tensor:
-    """Initial ``mu``: the root of the same budget equation on a strided sample of every problem.
-
-    The sampled problem is cheap (``_SAMPLE_SIZE`` entries) and its root is within the sampling
-    error of the full root, so the full Newton iteration starts in its quadratic regime.
-    """
-    d = values.shape[-1]
-    if d < 4 * _SAMPLE_SIZE:
-        return 0.5 * (lo + hi)
-    stride = d // _SAMPLE_SIZE
-    sample = values[..., stride // 2::stride]
-    if costs is None:
-        sample_costs = None
-        target = budget * (sample.shape[-1] / d)
-    else:
-        sample_costs = costs[..., stride // 2::stride]
-        target = budget * (sample_costs.sum(-1, dtype=torch.float64) / total)
-    _, mu, _, _ = _solve_soft(sample, sample_costs, target, beta, None, 1e-6, 60)
-    return mu
+Kind = Literal["batch", "flat", "rows"]
 
 
-def _solve_soft(
-    values: torch.Tensor,
-    costs: torch.Tensor | None,
-    budget: torch.Tensor,
-    beta: torch.Tensor,
-    mu_init: torch.Tensor | None,
-    tol: float,
-    max_iter: int,
-    unit_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Forward solve in the compute dtype. Returns (mask, mu (*,), evaluations, rel. error).
+@dataclass(frozen=True)
+class _Part:
+    """How one input tensor enters the engine: its rows, and the segment of its first row."""
 
-    Each evaluation of the budget residual is five passes with two preallocated buffers:
-    ``m = sigmoid(beta * u + mu)`` (two, in place), ``sum(c m)``, ``m - m^2`` and its sum. The
-    mask is the ``m`` of the last evaluation, so it costs no extra pass.
-    """
-    cdt = _compute_dtype(values.dtype)
-    v = values.to(cdt)
-    d = v.shape[-1]
-    if costs is None:
-        c = None
-        units = v
-        total = torch.full_like(budget, float(d))
-    else:
-        c = torch.broadcast_to(costs.to(cdt), v.shape)
-        units = v / c
-        total = c.sum(-1, dtype=torch.float64)
-    if unit_range is None:
-        unit_range = _row_extremes(units)
-    zmin, zmax = unit_range[0] * beta, unit_range[1] * beta
-    # phi(mu) <= 0 when every beta*u + mu <= logit(B / total), >= 0 when every one is >= it.
-    base = torch.logit(budget / total)
-    lo, hi = base - zmax, base - zmin
-    if mu_init is None:
-        x0 = _cold_start(values, costs, budget, beta, total, lo, hi)
-    else:
-        x0 = torch.broadcast_to(mu_init.to(torch.float64), budget.shape)
-    x0 = torch.minimum(torch.maximum(x0, lo), hi)
-    beta_c = beta.to(cdt).unsqueeze(-1)
-    m = torch.empty_like(v, dtype=cdt)
-    a = torch.empty_like(m)
+    shape: torch.Size
+    kind: Kind  # "batch": rows of the last dim; "flat": one row; "rows": N:M groups along dim 1
+    segment: int
+    group: int | None = None
 
-    def evaluate(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.addcmul(mu.to(cdt).unsqueeze(-1), units, beta_c, out=m)
-        m.sigmoid_()
-        if c is None:
-            f = m.sum(-1).to(torch.float64) - budget
-            torch.addcmul(m, m, m, value=-1, out=a)
-        else:
-            f = torch.mul(m, c, out=a).sum(-1).to(torch.float64) - budget
-            torch.addcmul(m, m, m, value=-1, out=a).mul_(c)
-        return f, a.sum(-1).to(torch.float64)
+    def to_piece(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rows":
+            return to_rows(t, self.group)
+        return t.reshape(-1, self.shape[-1]) if self.kind == "batch" else t.reshape(1, -1)
 
-    # The sigmoid's argument beta * u + mu is rounded to the compute dtype: a bracket on mu
-    # narrower than that rounding cannot improve the residual.
-    resolution = 8 * torch.finfo(cdt).eps
-    mu, f, evaluations = safeguarded_newton(
-        evaluate, x0, lo, hi, budget, tol, max_iter, resolution=resolution
-    )
-    return m, mu, evaluations, f.abs() / budget
+    def from_piece(self, p: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rows":
+            return from_rows(p, self.shape, self.group)
+        return p.reshape(self.shape)
+
+    @property
+    def rowwise(self) -> bool:
+        return self.kind != "flat"
+
+
+@dataclass
+class _Plan:
+    """Validated problem: parts, their beta and cost, the budgets of the segments."""
+
+    parts: list[_Part]
+    betas: list[float | torch.Tensor]
+    costs: list[float | torch.Tensor]  # per part: a number or per-entry costs (value's shape)
+    budgets: torch.Tensor  # (S,) float64
+    fill: list[bool | None]  # per part: None (solved), True/False (density 1 or 0: constant)
+    tau_init: torch.Tensor | None = None
+    tol: float = 1e-6
+    max_iter: int = 100
+
+    def pieces(self, values: Sequence[torch.Tensor]) -> list[Piece]:
+        out = []
+        for part, v, beta, cost, fill in zip(self.parts, values, self.betas, self.costs,
+                                             self.fill, strict=True):
+            if fill is not None:
+                continue
+            u = v.detach().to(_compute_dtype(v.dtype))
+            if isinstance(cost, torch.Tensor):
+                c = part.to_piece(cost.to(u.dtype))
+                units = part.to_piece(u) / c
+                out.append(Piece(units, beta, c, part.segment, part.rowwise))
+            else:
+                units = part.to_piece(u if cost == 1.0 else u / cost)
+                out.append(Piece(units, beta, float(cost), part.segment, part.rowwise))
+        return out
 
 
 class SoftTopK(torch.autograd.Function):
     """Autograd function of the soft top-k; use :func:`soft_topk`, which validates.
 
-    ``SoftTopK.apply(values, budget, beta, costs, mu_init, tol, max_iter)`` with ``budget`` and
-    ``beta`` float64 tensors of shape ``(*,)`` returns ``(mask, mu, iterations, budget_error)``;
-    only ``mask`` is differentiable, and only with respect to ``values``. The backward is
-    implicit differentiation of the budget equation::
+    ``SoftTopK.apply(plan, *values)`` returns ``(*masks, threshold, iterations, budget_error)``;
+    only the masks are differentiable, with respect to the values. The backward is implicit
+    differentiation of the budget equations, per segment ``j`` (``a = m (1 - m)``)::
 
-        S = sum_j c_j m_j (1 - m_j),   Lambda = sum_j g_j m_j (1 - m_j) / S,
-        dL/dv_i = (beta / c_i) m_i (1 - m_i) (g_i - c_i Lambda).
-
-    An optional eighth argument ``(unit_min, unit_max)``, lower and upper bounds of ``v / c`` per
-    problem, saves the forward one pass (``soft_topk`` passes what validation measured).
+        S_j = sum_{i in j} c_i beta_i a_i,   Lambda_j = sum_{i in j} g_i beta_i a_i / S_j,
+        dL/dv_i = beta_i a_i (g_i / c_i - Lambda_j).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(
-        ctx: Any,
-        values: torch.Tensor,
-        budget: torch.Tensor,
-        beta: torch.Tensor,
-        costs: torch.Tensor | None,
-        mu_init: torch.Tensor | None,
-        tol: float,
-        max_iter: int,
-        unit_range: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask, mu, evaluations, error = _solve_soft(
-            values, costs, budget, beta, mu_init, tol, max_iter, unit_range
-        )
-        ctx.save_for_backward(mask, costs, beta)
-        ctx.values_dtype = values.dtype
+    def forward(ctx: Any, plan: _Plan, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pieces = plan.pieces(values)
+        outputs: list[torch.Tensor] = []
+        num_segments = plan.budgets.numel()
+        device = plan.budgets.device
+        if pieces:
+            sol = solve_soft(pieces, plan.budgets, tau_init=plan.tau_init, tol=plan.tol,
+                             max_iter=plan.max_iter)
+            solved = iter(sol.masks)
+            tau, evaluations, error = sol.tau, sol.evaluations, sol.error
+        else:
+            solved = iter(())
+            tau = torch.full((num_segments,), math.nan, dtype=torch.float64, device=device)
+            evaluations, error = 0, torch.zeros_like(tau)
+        masks = []
+        for part, v, fill in zip(plan.parts, values, plan.fill, strict=True):
+            if fill is None:
+                m = next(solved)
+                masks.append(m)
+                outputs.append(part.from_piece(m).to(v.dtype))
+            else:
+                outputs.append(torch.full(v.shape, float(fill), dtype=v.dtype, device=v.device))
+        ctx.plan = plan
+        ctx.dtypes = [v.dtype for v in values]
+        ctx.save_for_backward(*masks)
         iterations = torch.tensor(evaluations)
-        ctx.mark_non_differentiable(mu, iterations, error)
-        out = mask if mask.dtype == values.dtype else mask.to(values.dtype)
-        return out, mu, iterations, error
+        ctx.mark_non_differentiable(tau, iterations, error)
+        return (*outputs, tau, iterations, error)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(
-        ctx: Any, grad_mask: torch.Tensor | None, *unused: Any
-    ) -> tuple[torch.Tensor | None, ...]:
-        mask, costs, beta = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or grad_mask is None:
-            return (None,) * 8
-        g = grad_mask.to(mask.dtype)
-        a = torch.addcmul(mask, mask, mask, value=-1)  # m (1 - m)
-        b = beta.to(mask.dtype).unsqueeze(-1)
-        tiny = torch.finfo(mask.dtype).tiny
-        grad = g * a
-        lam_num = grad.sum(-1, keepdim=True)
-        if costs is None:
-            s = a.sum(-1, keepdim=True)
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        masks = list(ctx.saved_tensors)
+        n = len(plan.parts)
+        solved = [k for k in range(n) if plan.fill[k] is None]
+        if not masks:
+            return (None,) * (n + 1)
+        pieces = [
+            Piece(m, plan.betas[k], plan.parts[k].to_piece(plan.costs[k].to(m.dtype))
+                  if isinstance(plan.costs[k], torch.Tensor) else plan.costs[k],
+                  plan.parts[k].segment, plan.parts[k].rowwise)
+            for k, m in zip(solved, masks, strict=True)
+        ]
+        g = [None if grads[k] is None else plan.parts[k].to_piece(grads[k].to(m.dtype))
+             for k, m in zip(solved, masks, strict=True)]
+        dv = soft_backward(pieces, masks, g, plan.budgets.numel())
+        out: list[torch.Tensor | None] = [None] * n
+        for k, d in zip(solved, dv, strict=True):
+            out[k] = plan.parts[k].from_piece(d).to(ctx.dtypes[k])
+        return (None, *out)
+
+
+def _check_solver_options(tol: float | None, max_iter: int, dtype: torch.dtype) -> float:
+    if tol is None:
+        tol = 1e-10 if dtype == torch.float64 else 1e-6
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    return float(tol)
+
+
+def _batch_plan(values: torch.Tensor, budget: Budget, beta: Budget | Sequence[float],
+                costs: Any) -> tuple[_Plan, Any]:
+    """A tensor ``(*, d)``: every row its own problem."""
+    if costs is not None and not isinstance(costs, torch.Tensor):
+        raise TypeError(f"for a tensor of values, costs must be a tensor or None, got "
+                        f"{type(costs).__name__}")
+    checked = _validate(values, budget, costs)
+    beta_t = _check_beta(beta, values)  # type: ignore[arg-type]
+    rows = int(math.prod(values.shape[:-1]))
+    kind: Kind = "batch" if rows > 1 else "flat"
+    cost: float | torch.Tensor = 1.0 if checked.costs is None else checked.costs
+    plan = _Plan([_Part(values.shape, kind, 0)], [beta_t.reshape(-1)], [cost],
+                 checked.budget.reshape(-1), [None])
+    return plan, checked
+
+
+def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs: Any,
+               policy: AllocationPolicy | None) -> _Plan:
+    """A list of tensors: the policy's problems (default: one budget over all)."""
+    values = list(values)
+    if not values:
+        raise ValueError("values must be a tensor or a non-empty list of tensors, got []")
+    for i, v in enumerate(values):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"values[{i}] must be a torch.Tensor, got {type(v).__name__}")
+        _validate(v.reshape(1, -1), 1.0 if v.numel() > 1 else 0.5, None)
+    devices = {v.device for v in values}
+    if len(devices) > 1:
+        raise ValueError(f"values must all be on one device, got {sorted(map(str, devices))}")
+    n = len(values)
+    betas = _per_tensor("beta", beta, n)
+    for i, b in enumerate(betas):
+        if isinstance(b, torch.Tensor) or not (b > 0 and math.isfinite(b)):
+            raise ValueError(f"beta[{i}] must be a finite number > 0, got {b!r}")
+    cost_list: list[float | torch.Tensor] = (
+        [1.0] * n if costs is None else _per_tensor("costs", costs, n))
+    unit_costs = []
+    for i, (v, c) in enumerate(zip(values, cost_list, strict=True)):
+        if isinstance(c, torch.Tensor):
+            _check_float(f"costs[{i}]", c)
+            try:
+                cost_list[i] = c = torch.broadcast_to(c, v.shape).to(v.device)
+            except RuntimeError:
+                raise ValueError(f"costs[{i}] of shape {tuple(c.shape)} does not broadcast to "
+                                 f"values[{i}] of shape {tuple(v.shape)}") from None
+            lo, hi = torch.aminmax(c.detach().double())
+            _check_extremes(f"costs[{i}]", c, lo.reshape(1), hi.reshape(1), positive=True)
+            unit_costs.append(float(c.double().mean()))
         else:
-            c = torch.broadcast_to(costs.to(mask.dtype), mask.shape)
-            s = (c * a).sum(-1, keepdim=True)
-            grad.div_(c)
-        lam = lam_num / s.clamp_min(tiny)
-        # beta * (g a / c - a Lambda)
-        grad.addcmul_(a, lam, value=-1).mul_(b)
-        return grad.to(ctx.values_dtype), None, None, None, None, None, None, None
+            if not (c > 0 and math.isfinite(c)):
+                raise ValueError(f"costs[{i}] must be a finite number > 0, got {c!r}")
+            unit_costs.append(float(c))
+    total = sum(u * v.numel() for u, v in zip(unit_costs, values, strict=True))
+    b = _scalar("budget", budget)
+    if not 0 < b < total:
+        raise ValueError(
+            f"budget must lie strictly between 0 and the total cost of the values "
+            f"({total:.6g} here), got {b:.6g}; a budget of 0 or of everything needs no mask"
+        )
+    policy = policy if policy is not None else Global()
+    tensors = [MaskedTensor(f"values[{i}]", tuple(v.shape), None, u)
+               for i, (v, u) in enumerate(zip(values, unit_costs, strict=True))]
+    policy.check(tensors, b / total)
+    parts: list[_Part | None] = [None] * n
+    fill: list[bool | None] = [None] * n
+    budgets: list[float] = []
+    for alloc in policy.allocate(tensors, b / total):
+        for i in alloc.tensors:
+            if alloc.density >= 1.0 or alloc.density <= 0.0:
+                parts[i], fill[i] = _Part(values[i].shape, "flat", 0), alloc.density >= 1.0
+        live = [i for i in alloc.tensors if fill[i] is None]
+        if not live:
+            continue
+        if alloc.group is None:
+            for i in live:
+                parts[i] = _Part(values[i].shape, "flat", len(budgets))
+            budgets.append(alloc.density * sum(tensors[i].cost for i in live))
+            continue
+        for i in live:
+            if isinstance(cost_list[i], torch.Tensor):
+                raise ValueError(f"{policy!r} with per-entry costs (costs[{i}]) is not "
+                                 f"supported: give one cost per tensor")
+            rows = values[i].numel() // alloc.group
+            parts[i] = _Part(values[i].shape, "rows", len(budgets), alloc.group)
+            budgets += [alloc.density * alloc.group * unit_costs[i]] * rows
+    if any(p is None for p in parts):
+        raise ValueError(f"{policy!r}.allocate left some values without a budget")
+    device = values[0].device
+    plan_betas: list[float | torch.Tensor] = [float(x) for x in betas]
+    return _Plan([p for p in parts if p is not None], plan_betas, cost_list,
+                 torch.tensor(budgets or [1.0], dtype=torch.float64, device=device), fill)
+
+
+def _per_tensor(name: str, x: Any, n: int) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        if len(x) != n:
+            raise ValueError(f"{name} must be one number per tensor ({n}), got {len(x)}")
+        return [float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+                for v in x]
+    return [_scalar(name, x)] * n
+
+
+def _scalar(name: str, x: Any) -> float:
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        _check_float(name, x)
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+        raise TypeError(f"{name} must be a finite number, got {x!r}")
+    return float(x)
 
 
 @overload
 def soft_topk(
-    values: torch.Tensor, budget: Budget, beta: Budget, costs: torch.Tensor | None = ..., *,
-    mu_init: torch.Tensor | float | None = ..., tol: float | None = ..., max_iter: int = ...,
-    return_result: Literal[False] = ...,
-) -> torch.Tensor: ...
+    values: Values, budget: Budget, beta: Budget | Sequence[float], costs: Any = ..., *,
+    policy: AllocationPolicy | None = ..., threshold_init: torch.Tensor | float | None = ...,
+    tol: float | None = ..., max_iter: int = ..., return_result: Literal[False] = ...,
+) -> Any: ...
 
 
 @overload
 def soft_topk(
-    values: torch.Tensor, budget: Budget, beta: Budget, costs: torch.Tensor | None = ..., *,
-    mu_init: torch.Tensor | float | None = ..., tol: float | None = ..., max_iter: int = ...,
-    return_result: Literal[True],
+    values: Values, budget: Budget, beta: Budget | Sequence[float], costs: Any = ..., *,
+    policy: AllocationPolicy | None = ..., threshold_init: torch.Tensor | float | None = ...,
+    tol: float | None = ..., max_iter: int = ..., return_result: Literal[True],
 ) -> SoftTopKResult: ...
 
 
 def soft_topk(
-    values: torch.Tensor,
+    values: Values,
     budget: Budget,
-    beta: Budget,
-    costs: torch.Tensor | None = None,
+    beta: Budget | Sequence[float],
+    costs: Any = None,
     *,
-    mu_init: torch.Tensor | float | None = None,
+    policy: AllocationPolicy | None = None,
+    threshold_init: torch.Tensor | float | None = None,
     tol: float | None = None,
     max_iter: int = 100,
     return_result: bool = False,
-) -> torch.Tensor | SoftTopKResult:
+) -> Any:
     """Soft top-k mask with costs: the entropy-regularised fractional knapsack.
 
-    Solves, for every leading index independently::
+    Solves, for every problem, with ``u_i = v_i / c_i``::
 
-        m = argmax_m  sum_i v_i m_i + (1/beta) sum_i c_i H(m_i)  s.t.  sum_i c_i m_i = B,
-        m_i = sigmoid(beta * v_i / c_i + mu),
+        m = argmax_m  sum_i v_i m_i + sum_i (c_i / beta_i) H(m_i)  s.t.  sum_i c_i m_i = B,
+        m_i = sigmoid(beta_i * (u_i - tau)),
 
-    with ``H`` the binary entropy and ``mu`` the root of the budget equation, found by a
-    safeguarded Newton iteration to a relative budget error of ``tol``. As ``beta`` grows the mask
-    tends to :func:`hard_topk`'s. Differentiable in ``values`` (closed-form O(d) backward);
-    ``budget``, ``beta`` and ``costs`` get no gradient.
+    with ``H`` the binary entropy and the threshold ``tau`` the root of the budget equation,
+    found by a safeguarded Newton iteration to a relative budget error of ``tol``. As ``beta``
+    grows the mask tends to :func:`hard_topk`'s. Differentiable in ``values`` (closed-form O(d)
+    backward, the term through the shared ``tau`` included); budgets, betas and costs get no
+    gradient. Training computes its masks with this same engine.
 
     Args:
-        values: scores ``v >= 0`` of shape ``(*, d)``, e.g. ``weight.abs()``. float16 and
-            bfloat16 are computed in float32 and returned in their own dtype.
-        budget: ``B`` with ``0 < B < sum(costs)`` (``sum(costs) = d`` without costs): a number or
-            a tensor broadcastable to ``(*,)``. With unit costs this is the number of entries kept.
-        beta: sharpness ``> 0``, a number or a tensor broadcastable to ``(*,)``.
-        costs: positive costs ``c`` broadcastable to ``values``; ``None`` means all ones.
-        mu_init: warm start for ``mu`` (e.g. ``result.mu`` of the previous training step).
+        values: scores ``v >= 0``: a tensor ``(*, d)`` (every row its own problem), or a list
+            of tensors that ``policy`` turns into problems (default one budget over all: the
+            global soft top-k of training). float16/bfloat16 are computed in float32.
+        budget: ``B`` with ``0 < B < sum(costs)`` (``sum(costs) = d`` without costs). For a
+            tensor: a number or a tensor broadcastable to ``(*,)``; for a list: the total budget
+            (the policy splits it: the kept fraction ``B / sum(costs)`` is its density).
+        beta: sharpness ``> 0``: a number, one per row (tensor) or one per tensor (list).
+        costs: positive costs; for a tensor a tensor broadcastable to ``values``; for a list a
+            number or one per tensor (a number or a tensor of its shape). ``None``: all ones.
+        policy: for a list: an allocation policy (:class:`~torchspartan.Global`, ``Uniform``,
+            ``ERK``, ``NM``, or your own).
+        threshold_init: warm start for ``tau`` (e.g. ``result.threshold`` of a previous step).
         tol: relative budget tolerance; default 1e-6 (1e-10 for float64 values).
         max_iter: most evaluations of the budget equation (each is one pass over ``values``).
-        return_result: return a :class:`SoftTopKResult` with ``mu``, the iteration count and the
-            achieved budget error instead of the mask alone.
+        return_result: return a :class:`SoftTopKResult` with the thresholds, the iteration count
+            and the achieved budget error instead of the mask alone.
 
     Returns:
-        The mask ``m`` in ``[0, 1]``, same shape and dtype as ``values`` (or a result object).
+        The mask ``m`` in ``[0, 1]``, same shape and dtype as ``values`` (a list for a list), or
+        a result object.
 
     Raises:
         TypeError: a non-floating ``values``, ``costs``, ``budget`` or ``beta``.
@@ -431,45 +537,59 @@ def soft_topk(
         2.0
         >>> m.argsort(descending=True)[0, :2].tolist()
         [0, 2]
+        >>> a, b = ts.soft_topk([torch.tensor([3.0, 0.1]), torch.tensor([2.0, 1.0, 0.2])],
+        ...                     budget=2, beta=20.0)
+        >>> round((a.sum() + b.sum()).item(), 4)
+        2.0
     """
-    checked = _validate(values, budget, costs)
-    beta_t = _check_beta(beta, values)
-    if tol is None:
-        tol = 1e-10 if values.dtype == torch.float64 else 1e-6
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    mu0 = None
-    if mu_init is not None:
-        mu0 = _as_problem_tensor("mu_init", mu_init, values.shape[:-1], values)
-        if not bool(torch.isfinite(mu0).all()):
-            raise ValueError(
-                f"mu_init must be finite, got {mu0.flatten()[:3].tolist()}; pass the mu of a "
-                f"previous SoftTopKResult"
-            )
-    unit_range = (checked.unit_min, checked.unit_max)
-    mask, mu, iterations, error = SoftTopK.apply(
-        values, checked.budget, beta_t, checked.costs, mu0, float(tol), max_iter,
-        unit_range,
-    )
+    if isinstance(values, torch.Tensor):
+        if policy is not None:
+            raise ValueError("policy= applies to a list of tensors; a tensor (*, d) is solved "
+                             "row by row: pass [values] to allocate over it")
+        plan, _ = _batch_plan(values, budget, beta, costs)
+        inputs: list[torch.Tensor] = [values]
+        dtype = values.dtype
+    else:
+        plan = _list_plan(values, budget, beta, costs, policy)
+        inputs = list(values)
+        dtype = inputs[0].dtype
+    plan.tol = _check_solver_options(tol, max_iter, dtype)
+    plan.max_iter = max_iter
+    if threshold_init is not None:
+        if isinstance(threshold_init, torch.Tensor):
+            t0 = threshold_init.to(device=plan.budgets.device, dtype=torch.float64)
+        else:
+            t0 = torch.tensor(float(threshold_init), dtype=torch.float64,
+                              device=plan.budgets.device)
+        try:
+            t0 = torch.broadcast_to(t0.reshape(-1) if t0.dim() > 0 else t0,
+                                    plan.budgets.shape).clone()
+        except RuntimeError:
+            raise ValueError(f"threshold_init of shape {tuple(t0.shape)} does not broadcast to the "
+                             f"{plan.budgets.numel()} problems; give one per problem") from None
+        if not bool(torch.isfinite(t0).all()):
+            raise ValueError(f"threshold_init must be finite, got {t0.flatten()[:3].tolist()}; "
+                             f"pass the threshold of a previous SoftTopKResult")
+        plan.tau_init = t0
+    *masks, tau, iterations, error = SoftTopK.apply(plan, *inputs)
+    if isinstance(values, torch.Tensor):
+        mask: torch.Tensor | list[torch.Tensor] = masks[0]
+        tau = tau.reshape(values.shape[:-1])
+        error = error.reshape(values.shape[:-1])
+    else:
+        mask = list(masks)
     if return_result:
-        return SoftTopKResult(mask, mu, int(iterations), error)
+        return SoftTopKResult(mask, tau, int(iterations), error)
     return mask
 
 
-# Rows at least this long are selected one by one without sorting; shorter rows are sorted in
-# one batched call (cheaper for many short rows, e.g. N:M groups).
-_SELECT_MIN_LENGTH = 1 << 12
-
-
-def hard_topk(
-    values: torch.Tensor, budget: Budget, costs: torch.Tensor | None = None
-) -> torch.Tensor:
+def hard_topk(values: Values, budget: Budget, costs: Any = None, *,
+              policy: AllocationPolicy | None = None) -> Any:
     """Hard top-k with costs: the greedy fractional-knapsack mask, rounded to whole entries.
 
-    Entries are taken by decreasing unit value ``v_i / c_i`` (ties: lower index first); an entry
-    is kept while at least half of its cost still fits in the budget ``B``::
+    Entries are taken by decreasing unit value ``v_i / c_i`` (ties: lower position first, and in
+    a list the earlier tensor first); an entry is kept while at least half of its cost still
+    fits in the budget ``B``::
 
         keep i  <=>  sum of c_j over the entries j before i  +  c_i / 2  <=  B.
 
@@ -478,12 +598,15 @@ def hard_topk(
     cost is a few passes over ``values``.
 
     Args:
-        values: scores ``v >= 0`` of shape ``(*, d)``.
-        budget: ``0 < B < sum(costs)``, a number or a tensor broadcastable to ``(*,)``.
-        costs: positive costs broadcastable to ``values``; ``None`` means all ones.
+        values: scores ``v >= 0``: a tensor ``(*, d)`` or a list of tensors (as
+            :func:`soft_topk`).
+        budget: ``0 < B < sum(costs)``: a number or a tensor broadcastable to ``(*,)``; for a
+            list the total budget that ``policy`` splits.
+        costs: positive costs, as :func:`soft_topk`; ``None`` means all ones.
+        policy: for a list, the allocation policy (default one budget over all).
 
     Returns:
-        A bool tensor of ``values``' shape, True for kept entries.
+        A bool tensor of ``values``' shape (a list for a list), True for kept entries.
 
     Raises:
         TypeError / ValueError: as :func:`soft_topk`.
@@ -496,36 +619,23 @@ def hard_topk(
         ...              costs=torch.tensor([2.0, 1.0, 1.0])).tolist()
         [True, False, True]
     """
-    checked = _validate(values, budget, costs)
-    d = values.shape[-1]
-    rows = values.reshape(-1, d)
-    budgets = checked.budget.reshape(-1)
-    cost_rows = None if checked.costs is None else checked.costs.reshape(-1, d)
-    if rows.shape[0] == 1 and cost_rows is None:
-        masks, _ = _select([rows[0]], [1.0], float(budgets[0]), None)
-        return masks[0].view(values.shape)
-    if d >= _SELECT_MIN_LENGTH or rows.shape[0] == 1:
-        out = torch.empty(rows.shape, dtype=torch.bool, device=values.device)
-        for r, b in enumerate(budgets.tolist()):
-            if cost_rows is None:
-                masks, _ = _select([rows[r]], [1.0], b, None)
-            else:
-                c = cost_rows[r].to(torch.float64)
-                masks, _ = _select([rows[r].to(torch.float64) / c], [c], b, None)
-            out[r] = masks[0]
-        return out.view(values.shape)
-    cdt = torch.float64
-    if cost_rows is None:
-        u = rows
-    else:
-        u = rows.to(cdt) / cost_rows.to(cdt)
-    order = torch.sort(u, dim=-1, descending=True, stable=True).indices
-    if cost_rows is None:
-        position = torch.arange(1, d + 1, dtype=cdt, device=values.device)
-        keep_sorted = (position - 0.5) <= budgets.unsqueeze(-1)
-        keep_sorted = keep_sorted.expand(rows.shape)
-    else:
-        c_sorted = torch.gather(cost_rows.to(cdt), -1, order)
-        keep_sorted = (c_sorted.cumsum(-1) - 0.5 * c_sorted) <= budgets.unsqueeze(-1)
-    out = torch.zeros(rows.shape, dtype=torch.bool, device=values.device)
-    return out.scatter_(-1, order, keep_sorted).view(values.shape)
+    if isinstance(values, torch.Tensor):
+        if policy is not None:
+            raise ValueError("policy= applies to a list of tensors; pass [values]")
+        plan, checked = _batch_plan(values, budget, 1.0, costs)
+        d = values.shape[-1]
+        rows = values.detach().reshape(-1, d)
+        cost: float | torch.Tensor = 1.0
+        if checked.costs is not None:
+            c = checked.costs.reshape(-1, d).to(torch.float64)
+            rows, cost = rows.to(torch.float64) / c, c
+        return select_rows(rows, cost, plan.budgets.tolist()).view(values.shape)
+    plan = _list_plan(values, budget, 1.0, costs, policy)
+    values = list(values)
+    pieces = plan.pieces(values)
+    found, _ = hard_select(pieces, plan.budgets.tolist()) if pieces else ([], [])
+    out, it = [], iter(found)
+    for part, v, fill in zip(plan.parts, values, plan.fill, strict=True):
+        out.append(part.from_piece(next(it)) if fill is None
+                   else torch.full(v.shape, bool(fill), dtype=torch.bool, device=v.device))
+    return out

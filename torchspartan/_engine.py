@@ -1,0 +1,395 @@
+"""The mask engine: one soft top-k solve, one backward, one hard selection, for every policy.
+
+Every allocation reduces to one shape (docs/design.md, "The engine"): unit values ``u >= 0``
+split into *pieces*, each a ``(rows, length)`` view with one sharpness ``beta`` and a cost (a
+number, or per-entry costs), and *segments*, each with a budget ``B_j``. A piece lies in one
+segment (Global: every piece in segment 0; Uniform/ERK: one segment per tensor), or, when
+``rowwise``, each of its rows is a segment of its own (N:M: rows of ``m`` entries, budget ``n``;
+the public batched ``soft_topk`` on ``(*, d)``). Per segment the soft mask is::
+
+    m_i = sigmoid(beta_i * (u_i - tau_j)),   sum_{i in j} c_i m_i = B_j,
+
+the entropy-regularised knapsack with per-entry temperatures ``c_i / beta_i``; ``tau_j`` is the
+segment's threshold, in the units of ``u`` (so it stays put while ``beta`` anneals, which makes it
+the right warm start). The hard mask keeps, per segment, the entries of highest ``u`` whose
+cumulative cost fits (ties: lower position first).
+
+Every pass is one op per piece: the caller packs tensors that share (beta, cost, segment) into one
+piece (one flat buffer) so that the number of ops does not grow with the number of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from torchspartan._select import select_flat
+
+__all__ = [
+    "Piece",
+    "SoftSolution",
+    "hard_select",
+    "safeguarded_newton",
+    "soft_backward",
+    "solve_soft",
+]
+
+Cost = float | torch.Tensor
+# A reduce hook: sums over scores go through it (identity in one process; an all-reduce when the
+# scores are sharded over ranks).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+# Problems with at least this many entries get their cold start from a strided sample.
+SAMPLE_SIZE = 1 << 14
+
+
+@dataclass
+class Piece:
+    """Unit values of one part of a problem.
+
+    Attributes:
+        units: ``(rows, length)`` unit values ``u >= 0`` in the compute dtype (float32/float64).
+        beta: sharpness ``> 0`` of every entry of the piece (a number; for a rowwise piece also
+            a float64 tensor of one beta per row).
+        cost: cost of every entry (a number) or per-entry costs broadcastable to ``units``.
+        segment: the piece's segment; with ``rowwise``, row ``r`` is segment ``segment + r``.
+        rowwise: every row is its own segment.
+    """
+
+    units: torch.Tensor
+    beta: float | torch.Tensor
+    cost: Cost
+    segment: int
+    rowwise: bool = False
+
+    @property
+    def segments(self) -> int:
+        return self.units.shape[0] if self.rowwise else 1
+
+
+def _segment_index(pieces: Sequence[Piece], device: torch.device) -> torch.Tensor:
+    """For the per-piece sums (one per row of a rowwise piece, else one), their segment."""
+    parts = []
+    for p in pieces:
+        if p.rowwise:
+            parts.append(torch.arange(p.segment, p.segment + p.segments, device=device))
+        else:
+            parts.append(torch.tensor([p.segment], device=device))
+    return torch.cat(parts)
+
+
+def _betas(pieces: Sequence[Piece], device: torch.device) -> torch.Tensor:
+    """The beta of every per-piece sum (one per row of a rowwise piece), float64 ``(K,)``."""
+    parts = []
+    for p in pieces:
+        if isinstance(p.beta, torch.Tensor):
+            parts.append(torch.broadcast_to(p.beta.reshape(-1), (p.segments,)).to(torch.float64))
+        else:
+            parts.append(torch.full((p.segments,), float(p.beta), dtype=torch.float64,
+                                    device=device))
+    return torch.cat(parts)
+
+
+def _beta_of(p: Piece, dtype: torch.dtype) -> float | torch.Tensor:
+    return p.beta.to(dtype).reshape(-1, 1) if isinstance(p.beta, torch.Tensor) else p.beta
+
+
+def _row_sum(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    return x.sum(-1) if rowwise else x.sum().reshape(1)
+
+
+def _cost_sums(p: Piece, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum c m`` and ``sum c m^2`` per segment of the piece, float64."""
+    if isinstance(p.cost, torch.Tensor):
+        cm = m * p.cost
+        return (_row_sum(cm, p.rowwise).double(),
+                _row_sum(cm.mul_(m), p.rowwise).double())
+    if p.rowwise:
+        s1, s2 = m.sum(-1), (m * m).sum(-1)
+    else:
+        flat = m.reshape(-1)
+        s1, s2 = flat.sum().reshape(1), torch.dot(flat, flat).reshape(1)
+    return s1.double() * p.cost, s2.double() * p.cost
+
+
+def _tau_of(p: Piece, tau: torch.Tensor) -> torch.Tensor:
+    if p.rowwise:
+        return tau.narrow(0, p.segment, p.segments).unsqueeze(1)
+    return tau[p.segment]
+
+
+def _total_cost(pieces: Sequence[Piece], index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    parts = []
+    for p in pieces:
+        if isinstance(p.cost, torch.Tensor):
+            c = torch.broadcast_to(p.cost, p.units.shape).to(torch.float64)
+            parts.append(_row_sum(c, p.rowwise))
+        else:
+            n = p.units.shape[-1] if p.rowwise else p.units.numel()
+            parts.append(torch.full((p.segments,), float(n) * p.cost, dtype=torch.float64,
+                                    device=index.device))
+    return torch.zeros(num_segments, dtype=torch.float64, device=index.device).index_add_(
+        0, index, torch.cat(parts))
+
+
+@dataclass
+class SoftSolution:
+    """What :func:`solve_soft` returns.
+
+    Attributes:
+        masks: the soft mask of every piece at ``tau``, ``(rows, length)`` like its units.
+        tau: the threshold of every segment, float64, shape ``(S,)``.
+        slope: ``S_j = sum_{i in j} c_i beta_i m_i (1 - m_i)``, float64 ``(S,)``.
+        evaluations: evaluations of the budget equation (each one pass per piece).
+        error: relative budget error ``|sum c m - B| / B`` per segment.
+    """
+
+    masks: list[torch.Tensor]
+    tau: torch.Tensor
+    slope: torch.Tensor
+    evaluations: int
+    error: torch.Tensor
+
+
+def solve_soft(
+    pieces: Sequence[Piece],
+    budgets: torch.Tensor,
+    *,
+    tau_init: torch.Tensor | None = None,
+    unit_max: torch.Tensor | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    reduce: Reduce | None = None,
+) -> SoftSolution:
+    """Thresholds ``tau`` with ``sum_{i in j} c_i sigmoid(beta_i (u_i - tau_j)) = B_j``.
+
+    Args:
+        pieces: the problem (see :class:`Piece`); all on one device, one compute dtype.
+        budgets: ``B_j``, float64 ``(S,)``, each strictly between 0 and the segment's total cost.
+        tau_init: warm start ``(S,)`` (e.g. the previous training step's thresholds).
+        unit_max: the largest unit value per piece row sum (``(K,)``, one per segment of each
+            piece, in piece order), if the caller knows it; saves one pass.
+        tol: relative budget tolerance.
+        max_iter: most evaluations.
+        reduce: applied to every vector of segment sums (an all-reduce when sharded).
+    """
+    device = budgets.device
+    num_segments = budgets.numel()
+    index = _segment_index(pieces, device)
+    total = _total_cost(pieces, index, num_segments)
+    reduce_ = reduce if reduce is not None else (lambda t: t)
+    cdt = pieces[0].units.dtype
+    if unit_max is None:
+        unit_max = torch.cat([
+            p.units.amax(-1) if p.rowwise else p.units.amax().reshape(1) for p in pieces
+        ]).double()
+    # f(tau) <= 0 once every beta_i (u_i - tau) <= logit(B/T); f >= 0 once every one is >= it
+    # (u >= 0 bounds every minimum below by 0: a slightly wider bracket, one pass less).
+    logit = torch.logit(budgets / total)
+    betas = _betas(pieces, device)
+    shift = logit[index] / betas
+    tau_hi = torch.full_like(budgets, -math.inf).scatter_reduce_(
+        0, index, unit_max - shift, "amax")
+    tau_lo = torch.full_like(budgets, math.inf).scatter_reduce_(0, index, -shift, "amin")
+    work = [torch.empty_like(p.units) for p in pieces]
+
+    def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tau = -x
+        s1, s2 = [], []
+        for p, m in zip(pieces, work, strict=True):
+            torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt)).sigmoid_()
+            a, b = _cost_sums(p, m)
+            s1.append(a)
+            s2.append(b)
+        cm, cm2 = torch.cat(s1), torch.cat(s2)
+        sums = torch.zeros(2, num_segments, dtype=torch.float64, device=device)
+        sums[0].index_add_(0, index, cm)
+        sums[1].index_add_(0, index, (cm - cm2) * betas)
+        sums = reduce_(sums)
+        return sums[0] - budgets, sums[1]
+
+    if tau_init is None:
+        tau0 = _cold_start(pieces, budgets, total, index, num_segments, tau_lo, tau_hi)
+    else:
+        tau0 = tau_init.to(torch.float64)
+    tau0 = torch.minimum(torch.maximum(tau0, tau_lo), tau_hi)
+    # beta * (u - tau) is rounded to the compute dtype: a bracket narrower than that rounding
+    # cannot improve the residual.
+    resolution = 8 * torch.finfo(cdt).eps
+    x, f, evaluations, slope = safeguarded_newton(
+        evaluate, -tau0, -tau_hi, -tau_lo, budgets, tol, max_iter, resolution=resolution)
+    return SoftSolution(work, -x, slope, evaluations, f.abs() / budgets)
+
+
+def _cold_start(
+    pieces: Sequence[Piece], budgets: torch.Tensor, total: torch.Tensor, index: torch.Tensor,
+    num_segments: int, lo: torch.Tensor, hi: torch.Tensor,
+) -> torch.Tensor:
+    """Initial ``tau``: the root of the same budget equation on a strided sample of the long
+    rows (every piece keeps its segments), so that the full Newton iteration starts in its
+    quadratic regime; the bracket's midpoint where nothing is long enough to sample."""
+    if all(p.units.shape[-1] < 4 * SAMPLE_SIZE for p in pieces):
+        return 0.5 * (lo + hi)
+    sample = []
+    for p in pieces:
+        length = p.units.shape[-1]
+        stride = max(1, length // SAMPLE_SIZE)
+        offset = min(stride // 2, length - 1)
+        cost = p.cost
+        if isinstance(cost, torch.Tensor):
+            cost = torch.broadcast_to(cost, p.units.shape)[:, offset::stride]
+        sample.append(Piece(p.units[:, offset::stride], p.beta, cost, p.segment, p.rowwise))
+    target = budgets * (_total_cost(sample, index, num_segments) / total)
+    return solve_soft(sample, target, tol=1e-6, max_iter=60).tau
+
+
+def safeguarded_newton(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    target: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    *,
+    resolution: float = 8 * torch.finfo(torch.float64).eps,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Solve ``f(x) = 0`` elementwise for increasing ``f`` with ``f(lo) <= 0 <= f(hi)``.
+
+    ``evaluate(x)`` returns ``(f(x), f'(x))``, float64. A Newton step that leaves the bracket is
+    replaced by bisection. Stops when ``|f| <= tol * target`` everywhere, when the bracket has
+    shrunk to ``resolution * (1 + |x|)`` (the tolerance is not attainable at the precision ``f``
+    is computed in), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
+    synchronisation) runs every fourth evaluation only.
+
+    Returns ``(x, f(x), evaluations, f'(x))``.
+    """
+    check_every = 4 if x.is_cuda else 1
+    f, fp = evaluate(x)
+    evaluations = 1
+    while True:
+        if evaluations % check_every == 0 or evaluations >= max_iter:
+            converged = f.abs() <= tol * target
+            resolved = (hi - lo) <= resolution * (1 + x.abs())
+            if bool((converged | resolved).all()) or evaluations >= max_iter:
+                return x, f, evaluations, fp
+        lo = torch.where(f <= 0, x, lo)
+        hi = torch.where(f >= 0, x, hi)
+        step = x - f / fp
+        inside = (step > lo) & (step < hi) & torch.isfinite(step)
+        x = torch.where(inside, step, 0.5 * (lo + hi))
+        f, fp = evaluate(x)
+        evaluations += 1
+
+
+def soft_backward(
+    pieces: Sequence[Piece], masks: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],
+    num_segments: int, reduce: Reduce | None = None,
+) -> list[torch.Tensor]:
+    """Closed-form ``dL/dv`` (``v = c u``, the scores) of the soft top-k, cross-piece term included.
+
+    With ``a = m (1 - m)``, ``S_j = sum_{i in j} c_i beta_i a_i`` and
+    ``Lambda_j = sum_{i in j} g_i beta_i a_i / S_j``::
+
+        dL/du_i = beta_i a_i (g_i - c_i Lambda_j),   dL/dv_i = beta_i a_i (g_i / c_i - Lambda_j).
+
+    A saturated segment (``S_j = 0``) has no cross term (``Lambda_j = 0``), not a NaN.
+    """
+    device = masks[0].device
+    index = _segment_index(pieces, device)
+    a_list, num, den = [], [], []
+    for p, m, g in zip(pieces, masks, grads, strict=True):
+        a = torch.addcmul(m, m, m, value=-1).mul_(_beta_of(p, m.dtype))  # beta m (1 - m)
+        a_list.append(a)
+        ga = a * g if g is not None else torch.zeros_like(a)
+        num.append(_row_sum(ga, p.rowwise).double())
+        ca = a * p.cost if isinstance(p.cost, torch.Tensor) else a
+        den_p = _row_sum(ca, p.rowwise).double()
+        den.append(den_p if isinstance(p.cost, torch.Tensor) else den_p * p.cost)
+    sums = torch.zeros(2, num_segments, dtype=torch.float64, device=device)
+    sums[0].index_add_(0, index, torch.cat(num))
+    sums[1].index_add_(0, index, torch.cat(den))
+    if reduce is not None:
+        sums = reduce(sums)
+    lam = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(torch.finfo(torch.float64).tiny),
+                      torch.zeros_like(sums[0]))
+    out = []
+    for p, a, g in zip(pieces, a_list, grads, strict=True):
+        lam_p = _tau_of(p, lam).to(a.dtype)
+        gc = g if g is not None else torch.zeros_like(a)
+        if isinstance(p.cost, torch.Tensor):
+            gc = gc / p.cost
+        elif p.cost != 1.0:
+            gc = gc / p.cost
+        out.append(a.mul_(gc - lam_p))
+    return out
+
+
+def hard_select(
+    pieces: Sequence[Piece], budgets: Sequence[float],
+    hints: Sequence[float | None] | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Hard top-k per segment: the greedy knapsack prefix, ties to the lower position.
+
+    An entry is kept while at least half of its cost still fits in its segment's budget (with unit
+    costs exactly ``floor(B + 0.5)`` entries). Long segments are selected without a sort (a
+    sampled window verified by exact counts, ``_select.py``); rows are sorted in one batched call.
+
+    Returns the bool mask of every piece and the unit value of the last kept entry per segment
+    (``nan`` for rowwise segments, which do not report one; ``inf`` when nothing is kept).
+    """
+    masks: list[torch.Tensor | None] = [None] * len(pieces)
+    thresholds = [math.nan] * len(budgets)
+    by_segment: dict[int, list[int]] = {}
+    for k, p in enumerate(pieces):
+        if p.rowwise:
+            rows = budgets[p.segment:p.segment + p.segments]
+            masks[k] = select_rows(p.units, p.cost, rows)
+        else:
+            by_segment.setdefault(p.segment, []).append(k)
+    for j, members in by_segment.items():
+        us = [pieces[k].units.reshape(-1) for k in members]
+        cs: list[Cost] = []
+        for k in members:
+            c = pieces[k].cost
+            cs.append(torch.broadcast_to(c, pieces[k].units.shape).reshape(-1)
+                      if isinstance(c, torch.Tensor) else float(c))
+        hint = hints[j] if hints is not None else None
+        found, thresholds[j] = select_flat(us, cs, float(budgets[j]), hint)
+        for k, m in zip(members, found, strict=True):
+            masks[k] = m.view(pieces[k].units.shape)
+    return [m for m in masks if m is not None], thresholds
+
+
+# Rows at least this long are selected one by one without sorting; shorter rows are sorted in
+# one batched call (cheaper for many short rows, e.g. N:M groups).
+SELECT_MIN_LENGTH = 1 << 12
+
+
+def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> torch.Tensor:
+    """Hard top-k of every row of ``units`` (``(R, L)``) with its own budget; bool ``(R, L)``."""
+    rows, d = units.shape
+    costs = None if not isinstance(cost, torch.Tensor) else torch.broadcast_to(cost, units.shape)
+    unit_cost = 1.0 if isinstance(cost, torch.Tensor) else float(cost)
+    if d >= SELECT_MIN_LENGTH or rows == 1:
+        out = torch.empty(units.shape, dtype=torch.bool, device=units.device)
+        for r, b in enumerate(budgets):
+            c: Cost = unit_cost if costs is None else costs[r]
+            found, _ = select_flat([units[r]], [c], float(b), None)
+            out[r] = found[0]
+        return out
+    cdt = torch.float64
+    order = torch.sort(units, dim=-1, descending=True, stable=True).indices
+    b = torch.tensor(list(budgets), dtype=cdt, device=units.device).unsqueeze(-1)
+    if costs is None:
+        position = torch.arange(1, d + 1, dtype=cdt, device=units.device) * unit_cost
+        keep_sorted = (position - 0.5 * unit_cost) <= b
+        keep_sorted = keep_sorted.expand(units.shape)
+    else:
+        c_sorted = torch.gather(costs.to(cdt), -1, order)
+        keep_sorted = (c_sorted.cumsum(-1) - 0.5 * c_sorted) <= b
+    out = torch.zeros(units.shape, dtype=torch.bool, device=units.device)
+    return out.scatter_(-1, order, keep_sorted)

@@ -1,0 +1,134 @@
+"""The masked weight of one layer, forward and backward (docs/design.md, "One training step").
+
+``w = theta * m * h`` with the soft mask ``m = sigmoid(beta * (u - tau))`` of the unit values
+``u = block_sum(|theta|) / cost`` and the hard mask ``h``; the backward is straight-through ``h``
+and exact through ``m``. What is exact depends on where the threshold's budget lives:
+
+- ``scope="local"``: the mask's segments are its own (the whole tensor under Uniform/ERK, or every
+  N:M row); the budget term ``-c Lambda`` is added here, per segment;
+- ``scope="shared"``: the segment spans several tensors; the backward returns ``dL/dtau`` and the
+  segment's coupling node (``coupling.py``) adds the cross-tensor term;
+- ``scope="none"``: ``tau`` is treated as a constant (a mask not bound to an update).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from torchspartan._blocks import block_mul, block_reduce, from_rows, interleaved, to_rows
+
+__all__ = ["MaskSpec", "MaskedWeight", "soft_mask", "soft_slope"]
+
+Scope = Literal["local", "shared", "none"]
+
+
+@dataclass
+class MaskSpec:
+    """Everything the weight function needs for one layer at one step (no big tensors copied)."""
+
+    method: str  # "spartan", "topkast", "gmp" or "masked" (fine-tuning / fixed)
+    sizes: tuple[int, ...]  # block sizes per dim (all 1: unstructured)
+    hard: torch.Tensor  # bool, block-grid shape
+    beta: torch.Tensor  # 0-dim float64
+    cost: torch.Tensor  # 0-dim float64; cost of one block-grid entry
+    soft: bool  # beta > 0, a Python flag (no host sync, a stable compile guard)
+    tau: torch.Tensor  # float64 threshold: 0-dim, or one per row of ``group`` entries
+    group: int | None  # N:M group length (rows of the problem view), or None
+    scope: Scope = "none"
+
+    @property
+    def plain(self) -> bool:
+        """Unstructured and one threshold: the fused in-place paths apply."""
+        return self.group is None and all(s == 1 for s in self.sizes)
+
+
+def _tau_view(spec: MaskSpec, tau: torch.Tensor) -> torch.Tensor:
+    return tau.unsqueeze(-1) if spec.group is not None else tau
+
+
+def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = None) -> torch.Tensor:
+    """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape."""
+    tau = spec.tau if tau is None else tau
+    v = block_reduce(theta.detach().abs(), spec.sizes)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.float()
+    if spec.group is None:
+        z = torch.addcmul(-spec.beta * tau.detach(), v, spec.beta / spec.cost, out=v)
+        return torch.sigmoid_(z)
+    rows = to_rows(v, spec.group)
+    z = (rows / spec.cost - _tau_view(spec, tau.detach())).mul_(spec.beta).to(v.dtype)
+    return from_rows(torch.sigmoid_(z), v.shape, spec.group)
+
+
+def soft_slope(m: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """``a = m (1 - m)`` (in place in ``m``)."""
+    return m.addcmul_(m, m, value=-1)
+
+
+def _segment_mean(a: torch.Tensor, b: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Per segment ``sum(b) / sum(a)`` (0 where ``sum(a) = 0``), broadcastable to the grid."""
+    if spec.group is None:
+        num, den = b.sum(), a.sum()
+    else:
+        num = to_rows(b, spec.group).sum(-1, keepdim=True)
+        den = to_rows(a, spec.group).sum(-1, keepdim=True)
+    lam = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
+                      torch.zeros_like(num))
+    if spec.group is None:
+        return lam
+    shape = list(a.shape)
+    return from_rows(lam.expand(-1, spec.group), shape, spec.group)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """``w = theta * m * h`` with the backward of the method; returns ``dL/dtau`` too when the
+    threshold is shared (``scope="shared"``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, theta: torch.Tensor, tau: torch.Tensor | None, spec: MaskSpec
+    ) -> torch.Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(theta)
+        if spec.method == "spartan" and spec.soft:
+            m = soft_mask(theta, spec)
+            if spec.plain and theta.dtype in (torch.float32, torch.float64):
+                return m.mul_(spec.hard).mul_(theta)  # in place: 5 passes, no extra temporary
+            return block_mul(theta, m.mul_(spec.hard), spec.sizes).to(theta.dtype)
+        return block_mul(theta, spec.hard, spec.sizes)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        (theta,) = ctx.saved_tensors
+        spec: MaskSpec = ctx.spec
+        if not (spec.method == "spartan" and spec.soft):
+            if spec.method == "topkast":
+                return grad, None, None
+            return block_mul(grad, spec.hard, spec.sizes), None, None
+        want_tau = ctx.needs_input_grad[1] and spec.scope == "shared"
+        if spec.plain and theta.dtype in (torch.float32, torch.float64) and spec.scope != "local":
+            # dL/dtheta = g m + (beta/c) a g |theta|,  dL/dtau = -beta sum(a g theta):
+            # 10 passes and two allocations (one is the result).
+            m = soft_mask(theta, spec)
+            b = torch.addcmul(m, m, m, value=-1).mul_(grad).mul_(theta)  # a g theta
+            grad_tau = (-spec.beta * b.sum()).reshape(()) if want_tau else None
+            torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
+            return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
+        # general: blocks, N:M rows, low precision, or the budget term of local segments
+        m = soft_mask(theta, spec)
+        g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm, block grid
+        a = m * (1 - m)
+        ga = a * g_m
+        grad_tau = -(spec.beta * ga.sum(dtype=torch.float64)).reshape(()) if want_tau else None
+        if spec.scope == "local":  # dL/dv = (beta/c) a (g_m - Lambda), Lambda the a-mean of g_m
+            ga.sub_(a * _segment_mean(a, ga, spec))
+        dv = ga.mul_((spec.beta / spec.cost).to(ga.dtype))  # dL/dv, block grid
+        inter, grid = interleaved(theta.shape, spec.sizes)
+        grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
+            torch.sign(theta).reshape(inter), dv.reshape(grid))
+        return grad_theta.reshape(theta.shape).to(grad.dtype), grad_tau, None
