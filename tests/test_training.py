@@ -23,7 +23,6 @@ from torch.nn.utils import parametrize, prune
 
 import torchspartan as ts
 
-
 torch.set_flush_denormal(True)
 
 

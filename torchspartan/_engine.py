@@ -376,9 +376,9 @@ def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> to
     unit_cost = 1.0 if isinstance(cost, torch.Tensor) else float(cost)
     if d >= SELECT_MIN_LENGTH or rows == 1:
         out = torch.empty(units.shape, dtype=torch.bool, device=units.device)
-        for r, b in enumerate(budgets):
+        for r, row_budget in enumerate(budgets):
             c: Cost = unit_cost if costs is None else costs[r]
-            found, _ = select_flat([units[r]], [c], float(b), None)
+            found, _ = select_flat([units[r]], [c], float(row_budget), None)
             out[r] = found[0]
         return out
     cdt = torch.float64

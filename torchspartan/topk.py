@@ -325,14 +325,12 @@ class SoftTopK(torch.autograd.Function):
         solved = [k for k in range(n) if plan.fill[k] is None]
         if not masks:
             return (None,) * (n + 1)
-        pieces = [
-            Piece(m, plan.betas[k], plan.parts[k].to_piece(plan.costs[k].to(m.dtype))
-                  if isinstance(plan.costs[k], torch.Tensor) else plan.costs[k],
-                  plan.parts[k].segment, plan.parts[k].rowwise)
-            for k, m in zip(solved, masks, strict=True)
-        ]
-        g = [None if grads[k] is None else plan.parts[k].to_piece(grads[k].to(m.dtype))
-             for k, m in zip(solved, masks, strict=True)]
+        pieces, g = [], []
+        for k, m in zip(solved, masks, strict=True):
+            part, cost, grad = plan.parts[k], plan.costs[k], grads[k]
+            c = part.to_piece(cost.to(m.dtype)) if isinstance(cost, torch.Tensor) else cost
+            pieces.append(Piece(m, plan.betas[k], c, part.segment, part.rowwise))
+            g.append(None if grad is None else part.to_piece(grad.to(m.dtype)))
         dv = soft_backward(pieces, masks, g, plan.budgets.numel())
         out: list[torch.Tensor | None] = [None] * n
         for k, d in zip(solved, dv, strict=True):

@@ -6,24 +6,20 @@ problems of the step, solves each with the one engine (``_engine.py``: hard top-
 thresholds, warm-started from the previous step) and writes the result into the masks through
 :meth:`SpartanMask.update`. :class:`~torchspartan.DualAveraging` calls it after every base step.
 
-Per allocation the masked tensors are packed into one flat buffer of unit values per run of
-tensors with equal (entry cost, sharpness), so every pass of the solve is one op per run, not per
-tensor.
+Solving one allocation is the job of :class:`~torchspartan.allocation.AllocationSolver`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from torchspartan._blocks import block_reduce, from_rows, to_rows
-from torchspartan._engine import Piece, hard_select, solve_soft
+from torchspartan.allocation import AllocationSolver
 from torchspartan.coupling import Coupling
 from torchspartan.policies import (
     Allocation,
@@ -124,11 +120,10 @@ class MaskUpdater:
         theta_ids = {id(r.theta) for r in self.refs}
         self.total_numel = sum(p.numel() for p in model.parameters())
         self.unmasked_numel = sum(p.numel() for p in model.parameters() if id(p) not in theta_ids)
-        self.hints: dict[tuple[int, ...], list[float]] = {}
+        self.solver = AllocationSolver(self.refs, self.unit_costs, reduce)
         self.couplings: list[Coupling] = []
         self.collapsed: set[str] = set()
         self.last_record: StepRecord | None = None
-        self.step = 0
 
     @property
     def names(self) -> list[str]:
@@ -172,7 +167,6 @@ class MaskUpdater:
             ValueError: a masked weight holding NaN/Inf (named), or a policy returning bad
                 allocations.
         """
-        self.step = step
         alloc_density = min(1.0, self.allocatable_density(density))
         old = [r.mask.hard_mask for r in self.refs]
         self.release()
@@ -185,9 +179,10 @@ class MaskUpdater:
             for alloc in self._allocations(alloc_density):
                 idx = tuple(self.alloc_index[j] for j in alloc.tensors)
                 if alloc.group is not None:
-                    its, err = self._solve_rows(idx, alloc.density, alloc.group, beta)
+                    its, err = self.solver.solve_rows(idx, alloc.density, alloc.group, beta)
                 else:
-                    its, err = self._solve_bounded(idx, alloc.density, beta)
+                    its, err = self.solver.solve_bounded(idx, alloc.density, beta, step)
+                self.couplings += self.solver.take_couplings()
                 iterations += its
                 error = max(error, err)
         record = self._record(old, step, alloc_density, beta, iterations, error)
@@ -214,164 +209,6 @@ class MaskUpdater:
             raise ValueError(f"{self.policy!r}.allocate left tensors without a budget: "
                              f"{missing}; every masked tensor needs one allocation")
         return allocs
-
-    def _units(self, i: int) -> torch.Tensor:
-        """``block_sum(|theta|) / entry cost`` of mask ``i``, flat, float32 (float64 stays)."""
-        r = self.refs[i]
-        v = block_reduce(r.theta.detach().abs(), r.mask.spec().sizes)
-        if v.dtype not in (torch.float32, torch.float64):
-            v = v.float()
-        cost = self.unit_costs[i] * r.mask.block_numel
-        return v.reshape(-1) if cost == 1.0 else v.reshape(-1).div_(cost)
-
-    def _pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
-        """Runs of consecutive tensors with equal (entry cost, sharpness, dtype), each packed
-        into one flat buffer: one piece per run."""
-        runs: list[list[int]] = []
-        keys: list[tuple[float, float, torch.dtype]] = []
-        for i in idx:
-            r = self.refs[i]
-            dtype = torch.float64 if r.theta.dtype == torch.float64 else torch.float32
-            key = (float(r.mask.cost), math.sqrt(r.mask.block_numel), dtype)
-            if keys and keys[-1] == key:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-                keys.append(key)
-        pieces = []
-        for run, (cost, scale, _) in zip(runs, keys, strict=True):
-            units = [self._units(i) for i in run]
-            flat = units[0] if len(units) == 1 else torch.cat(units)
-            pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0))
-        return pieces, runs
-
-    def _check_finite(self, pieces: list[Piece], runs: list[list[int]], step: int
-                      ) -> torch.Tensor:
-        """Largest unit value per piece (one host sync), and the finiteness check of the
-        weights the base step just wrote (NaN propagates through the maximum)."""
-        umax = torch.stack([p.units.amax() for p in pieces]).double()
-        if not bool(torch.isfinite(umax).all()):
-            for run in runs:
-                for i in run:
-                    if not bool(torch.isfinite(self.refs[i].theta).all()):
-                        raise ValueError(
-                            f"{self.refs[i].name} became non-finite (NaN or Inf) in the base "
-                            f"optimizer's step {step}; lower the learning rate or clip gradients"
-                        )
-        return umax
-
-    def _solve_bounded(self, idx: tuple[int, ...], density: float, beta: float
-                       ) -> tuple[int, float]:
-        """Solve one shared budget, fixing tensors that violate their density bounds."""
-        free = list(idx)
-        budget = density * sum(self._cost(i) for i in idx)
-        iterations, error = 0, 0.0
-        for _ in range(len(idx) + 1):
-            if len(free) == 1:
-                m = self.refs[free[0]].mask
-                cap = self._cost(free[0])
-                budget = min(max(budget, m.min_density * cap), m.max_density * cap)
-            its, err = self._solve(tuple(free), budget, beta)
-            iterations += its
-            error = max(error, err)
-            if all(self.refs[i].mask.min_density == 0.0 and self.refs[i].mask.max_density == 1.0
-                   for i in free) or len(free) == 1:
-                break
-            kept = torch.stack([self.refs[i].mask.hard_mask.sum() for i in free]).tolist()
-            violators = []
-            for i, k in zip(free, kept, strict=True):
-                m = self.refs[i].mask
-                d = k * m.block_numel / self.refs[i].theta.numel()
-                if d < m.min_density - 1e-12:
-                    violators.append((i, m.min_density))
-                elif d > m.max_density + 1e-12:
-                    violators.append((i, m.max_density))
-            if not violators:
-                break
-            for i, bound in violators:
-                its, err = self._solve((i,), bound * self._cost(i), beta)
-                iterations += its
-                error = max(error, err)
-                budget -= bound * self._cost(i)
-                free.remove(i)
-            budget = max(budget, 0.0)
-        return iterations, error
-
-    def _cost(self, i: int) -> float:
-        return self.refs[i].theta.numel() * self.unit_costs[i]
-
-    def _solve(self, idx: tuple[int, ...], budget: float, beta: float) -> tuple[int, float]:
-        """Hard masks and soft threshold of one shared budget; writes the masks."""
-        masks = [self.refs[i].mask for i in idx]
-        total = sum(self._cost(i) for i in idx)
-        if budget >= total * (1 - 1e-12) or budget <= 0:
-            for m in masks:
-                m.update(torch.full_like(m.hard_mask, budget > 0), threshold=m.threshold)
-            return 0, 0.0
-        pieces, runs = self._pieces(idx, beta)
-        umax = self._check_finite(pieces, runs, self.step)
-        past = self.hints.get(idx, [])
-        hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
-        if hint is not None and not hint > 0:
-            hint = past[-1]
-        hard, thresholds = hard_select(pieces, [budget], [hint])
-        if math.isfinite(thresholds[0]):
-            self.hints[idx] = (past + [thresholds[0]])[-2:]
-        hard_of = {}
-        for run, h in zip(runs, hard, strict=True):
-            sizes = [self.refs[i].mask.hard_mask.numel() for i in run]
-            for i, part in zip(run, h.reshape(-1).split(sizes), strict=True):
-                hard_of[i] = part.view(self.refs[i].mask.hard_mask.shape)
-        if not any(m.method == "spartan" for m in masks):
-            for i, m in zip(idx, masks, strict=True):
-                m.update(hard_of[i], threshold=m.threshold)
-            return 0, 0.0
-        first = masks[0]
-        warm = first.soft_active and first.threshold.dim() == 0 and all(
-            m.soft_active for m in masks)
-        budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
-        solution = solve_soft(pieces, budgets, unit_max=umax,
-                              tau_init=first.threshold.reshape(1) if warm else None,
-                              reduce=self.reduce)
-        tau = solution.tau[0]
-        coupling = None
-        if len(idx) > 1:
-            coupling = Coupling(masks, [self.refs[i].theta for i in idx], solution.slope[0])
-            self.couplings.append(coupling)
-        scope = "shared" if coupling is not None else "local"
-        for i, m in zip(idx, masks, strict=True):
-            m.update(hard_of[i], threshold=tau, beta=beta * math.sqrt(m.block_numel),
-                     scope=scope, coupling=coupling)
-        err = float(solution.error.max())
-        return solution.evaluations, err
-
-    def _solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
-                    ) -> tuple[int, float]:
-        """N:M: every row of ``group`` entries along dim 1 keeps ``density * group``."""
-        iterations, error = 0, 0.0
-        for i in idx:
-            r = self.refs[i]
-            rows = to_rows(r.theta.detach().abs(), group)
-            rows = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows
-            piece = Piece(rows, beta, 1.0, 0, rowwise=True)
-            budget = density * group
-            if budget >= group * (1 - 1e-12):
-                r.mask.update(torch.ones_like(r.mask.hard_mask), threshold=r.mask.threshold)
-                continue
-            hard, _ = hard_select([piece], [budget] * rows.shape[0])
-            hard_grid = from_rows(hard[0], r.mask.hard_mask.shape, group).contiguous()
-            if r.mask.method != "spartan":
-                r.mask.update(hard_grid)
-                continue
-            warm = r.mask.soft_active and r.mask.threshold.shape == (rows.shape[0],)
-            budgets = torch.full((rows.shape[0],), budget, dtype=torch.float64,
-                                 device=rows.device)
-            solution = solve_soft([piece], budgets,
-                                  tau_init=r.mask.threshold if warm else None)
-            r.mask.update(hard_grid, threshold=solution.tau, beta=beta, scope="local")
-            iterations += solution.evaluations
-            error = max(error, float(solution.error.max()))
-        return iterations, error
 
     def release(self) -> None:
         """Unbind every coupling (before new ones are made, or when training ends)."""
@@ -430,7 +267,7 @@ class MaskUpdater:
                 {"layers": [index[id(m)] for m in c.masks], "slope": float(c.slope)}
                 for c in self.couplings
             ],
-            "hints": [[list(k), list(v)] for k, v in self.hints.items()],
+            "hints": [[list(k), list(v)] for k, v in self.solver.hints.items()],
             "collapsed": sorted(self.collapsed),
             "last_record": asdict(self.last_record) if self.last_record else None,
         }
@@ -479,7 +316,7 @@ class MaskUpdater:
             if i not in coupled and r.mask.soft_active and r.mask.method == "spartan":
                 r.mask.update(r.mask.hard_mask, threshold=r.mask.threshold,
                               beta=float(r.mask.beta), scope="local")
-        self.hints = hints
+        self.solver.hints = hints
         self.collapsed = set(state.get("collapsed", []))
         self.last_record = StepRecord(**record) if record else None
 
@@ -487,8 +324,10 @@ class MaskUpdater:
 def _caller_level() -> int:
     """``stacklevel`` of the first frame outside torchspartan and torch (the user's call)."""
     import sys
+    import types
 
-    frame, level = sys._getframe(1), 1
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
         if not (name.startswith("torchspartan") or name.startswith("torch")):
