@@ -198,7 +198,7 @@ class MaskUpdater:
                 raise TypeError(f"{self.policy!r}.allocate must return ts.Allocation objects, "
                                 f"got {type(a).__name__}")
             bad = [i for i in a.tensors if not (0 <= i < n) or i in seen]
-            if bad or not (0.0 <= a.density <= 1.0):
+            if bad or len(set(a.tensors)) < len(a.tensors) or not (0.0 <= a.density <= 1.0):
                 raise ValueError(
                     f"{self.policy!r}.allocate returned {a!r}: tensor indices must be in "
                     f"[0, {n}) and each used once, density in [0, 1]"

@@ -1,0 +1,238 @@
+"""The mask-update component (ts.MaskUpdater) and the mask (ts.SpartanMask), each alone; and the
+one-engine property: training's gradient is the public soft top-k's gradient."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import block_expand, block_reduce, block_sizes, convnet, mlp
+from torch import nn
+from torch.nn.utils import parametrize
+
+import torchspartan as ts
+
+torch.set_flush_denormal(True)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# training's gradient == autograd through ts.soft_topk with the same policy (one engine)
+
+
+def public_operator_loss(model: nn.Module, policy: ts.AllocationPolicy, density: float,
+                         x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list]:
+    refs = ts.find_masks(model)
+    thetas = [r.theta.detach().clone().requires_grad_() for r in refs]
+    sizes = [block_sizes(tuple(t.shape), r.mask.block) for t, r in zip(thetas, refs, strict=True)]
+    scores = [block_reduce(t.abs(), s) for t, s in zip(thetas, sizes, strict=True)]
+    costs = [float(r.mask.cost) for r in refs]
+    betas = [float(r.mask.beta) for r in refs]
+    total = sum(s.numel() * c for s, c in zip(scores, costs, strict=True))
+    taus = [r.mask.threshold.reshape(-1) for r in refs]
+    init = taus[0] if isinstance(policy, ts.Global) else torch.cat(taus)
+    # max_iter=1: evaluate at training's own thresholds, so both sides share tau exactly
+    masks = ts.soft_topk(scores, density * total, betas, costs, policy=policy,
+                         threshold_init=init, max_iter=1)
+    weights = {}
+    for r, t, m, s in zip(refs, thetas, masks, sizes, strict=True):
+        kappa = t * block_expand(m, s)
+        h = block_expand(r.mask.hard_mask, s).to(t.dtype)
+        weights[r.name] = kappa + (kappa * h - kappa).detach()
+    plain = copy.deepcopy(model)
+    for r in ts.find_masks(plain):
+        parametrize.remove_parametrizations(r.module, r.tensor_name, leave_parametrized=False)
+    out = torch.func.functional_call(plain, weights, (x,))
+    return nn.functional.cross_entropy(out, y), thetas
+
+
+@pytest.mark.parametrize("kind", ["global", "blocks", "uniform", "erk", "nm", "flops"])
+def test_training_gradient_is_the_public_soft_topk_gradient(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "flops":
+        model = convnet()
+        ts.sparsify(model, exclude=[r"^0$"])  # the 1-channel stem: a dim 1 of 1
+        x = torch.randn(5, 1, 7, 7, dtype=torch.float64)
+        policy: ts.AllocationPolicy = ts.Global(costs=ts.FlopCost(x[:1]))
+    else:
+        model = mlp(width=8)
+        ts.sparsify(model, block=(2, 2) if kind == "blocks" else None,
+                    exclude=[r"^4$"] if kind == "blocks" else ())
+        x = torch.randn(5, 6, dtype=torch.float64)
+        policy = {"global": ts.Global(), "blocks": ts.Global(), "uniform": ts.Uniform(),
+                  "erk": ts.ERK(), "nm": ts.Global()}[kind]
+    if kind == "nm":
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+        ts.sparsify(model)
+        x = torch.randn(5, 8, dtype=torch.float64)
+        policy = ts.NM(2, 4)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    updater = ts.MaskUpdater(model, policy)
+    density = 0.5 if kind == "nm" else 0.4
+    record = updater.update(density=density, beta=3.0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    ours = [r.theta.grad for r in ts.find_masks(model)]
+    loss, thetas = public_operator_loss(model, policy, record.target_density, x, y)
+    loss.backward()
+    for name, a, b in zip(updater.names, ours, [t.grad for t in thetas], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the updater alone
+
+
+def test_updater_exact_counts_state_round_trip_and_warm_start() -> None:
+    torch.manual_seed(1)
+    model = mlp(width=16)
+    ts.sparsify(model)
+    updater = ts.MaskUpdater(model)
+    r1 = updater.update(density=0.3, beta=2.0)
+    kept = sum(int(r.mask.hard_mask.sum()) for r in ts.find_masks(model))
+    total = sum(r.theta.numel() for r in ts.find_masks(model))
+    assert kept == int(0.3 * total + 0.5) and r1.budget_error <= 1e-6
+    r2 = updater.update(density=0.3, beta=2.0)  # warm: the same problem again
+    assert r2.iterations <= 2 and r2.mask_change == 0.0
+    state = copy.deepcopy(updater.state_dict())
+    other = copy.deepcopy(model)
+    fresh = ts.MaskUpdater(other)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+
+
+def test_updater_nm_training_finalizes_to_exact_pattern() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 8, 1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    ts.sparsify(model, include=(nn.Linear, nn.Conv1d))
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
+                           sparsity=0.5, total_steps=12, policy=ts.NM(2, 4))
+    for step in range(12):
+        opt.zero_grad()
+        x = torch.randn(8, 16, 1).transpose(1, 2).reshape(8, 16)
+        out = model[4](model[3](model[2](model[1](model[0](x)).unsqueeze(-1))))
+        nn.functional.cross_entropy(out, torch.randint(0, 4, (8,))).backward()
+        opt.step()
+        if step == 1:  # mid-anneal: every group keeps round(density * 4)
+            kept = ts.find_masks(model)[0].mask.hard_mask.reshape(-1, 4).sum(-1)
+            assert len(set(kept.tolist())) == 1
+    ts.finalize(model)
+    for layer in (model[0], model[2], model[4]):
+        groups = (layer.weight != 0).movedim(1, -1).reshape(-1, 4).sum(-1)
+        assert bool((groups <= 2).all()) and int((groups == 2).sum()) >= groups.numel() - 1
+
+
+def test_updater_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="no SpartanMask"):
+        ts.MaskUpdater(nn.Linear(3, 3))
+    model = nn.Linear(4, 4)
+    ts.sparsify(model)
+    with pytest.raises(TypeError, match="AllocationPolicy"):
+        ts.MaskUpdater(model, "global")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sparsity_of"):
+        ts.MaskUpdater(model, sparsity_of="all")  # type: ignore[arg-type]
+    updater = ts.MaskUpdater(model)
+    with pytest.raises(ValueError, match="different model"):
+        updater.load_state_dict({"layers": [["x", [1], "spartan"]]})
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask alone
+
+
+def test_mask_update_validates_and_state_dict_round_trips_nm_threshold() -> None:
+    layer = nn.Linear(8, 2)
+    mask = ts.SpartanMask()
+    parametrize.register_parametrization(layer, "weight", mask)
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(2, 8\)"):
+        mask.update(torch.ones(8, 2, dtype=torch.bool))
+    hard = torch.rand(2, 8) > 0.5
+    mask.update(hard, threshold=torch.rand(4, dtype=torch.float64), beta=3.0, scope="local")
+    out = layer(torch.randn(3, 8))
+    other = nn.Linear(8, 2)
+    parametrize.register_parametrization(other, "weight", ts.SpartanMask())
+    other.load_state_dict(layer.state_dict())
+    new = other.parametrizations.weight[0]
+    assert new.threshold.shape == (4,) and new.soft_active and torch.equal(new.hard_mask, hard)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(other(x), layer(x))
+    assert out.shape == (3, 2)
+
+
+def test_mask_freeze_folds_once_and_survives_the_model_state_dict() -> None:
+    layer = nn.Linear(6, 3)
+    mask = ts.SpartanMask()
+    parametrize.register_parametrization(layer, "weight", mask)
+    mask.update(torch.rand(3, 6) > 0.3, threshold=0.2, beta=4.0)
+    theta = layer.parametrizations.weight.original
+    before = layer.weight.detach().clone()
+    mask.freeze(theta)
+    torch.testing.assert_close(layer.weight, before)  # w = theta*m*h  ==  folded theta * h
+    assert mask.is_frozen and not mask.soft_active
+    other = nn.Linear(6, 3)
+    parametrize.register_parametrization(other, "weight", ts.SpartanMask())
+    other.load_state_dict(layer.state_dict())
+    assert other.parametrizations.weight[0].is_frozen
+
+
+def test_release_0_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    # a checkpoint written by the 0.1 release (state version 1, no 'frozen' buffers); built
+    # here from that release's format by hand, as the release's own code is not installed
+    model = mlp(width=8)
+    ts.sparsify(model)
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1), model, sparsity=0.5,
+                           total_steps=10)
+    model_sd = {k: v for k, v in model.state_dict().items() if not k.endswith(".frozen")}
+    sd = opt.state_dict()
+    names = opt.masked_names
+    tau = float(ts.find_masks(model)[0].mask.threshold)
+    sd["spartan"] = {
+        "version": 1, "step": 0, "frozen": True, "layers": [[n, list(r.theta.shape), "spartan"]
+                                                            for n, r in zip(
+                                                                names, ts.find_masks(model),
+                                                                strict=True)],
+        "problems": [{"layers": list(range(len(names))), "tau": tau, "total_slope": 2.5}],
+        "hints": [[list(range(len(names))), [0.1, 0.2]]],
+        "last_record": opt.last_record.__dict__,
+    }
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(model_sd)
+    opt2 = ts.DualAveraging(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, sparsity=0.5,
+                            total_steps=10)
+    opt2.load_state_dict(sd)
+    assert opt2.updater.frozen
+    assert opt2.state_dict()["spartan"]["updater"]["hints"] == [[list(range(len(names))),
+                                                                 [0.1, 0.2]]]
+
+
+def test_state_dict_of_a_newer_release_is_refused() -> None:
+    model = mlp(width=8)
+    ts.sparsify(model)
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1), model, sparsity=0.5,
+                           total_steps=10)
+    sd = opt.state_dict()
+    sd["spartan"]["version"] = 99
+    with pytest.raises(ValueError, match="state version 99"):
+        opt.load_state_dict(sd)
+
+
+def test_import_graph_has_no_private_cross_imports() -> None:
+    # no module imports a private name (a leading underscore) of another module
+    code = textwrap.dedent("""
+        import ast, pathlib, sys
+        bad = []
+        for f in pathlib.Path(sys.argv[1]).glob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and \\
+                        node.module.startswith("torchspartan"):
+                    bad += [f"{f.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+        print(bad)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "torchspartan")],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
