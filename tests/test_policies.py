@@ -181,3 +181,25 @@ def test_soft_topk_list_uniform_policy_solves_each_tensor_alone() -> None:
 def test_list_input_errors_name_the_argument(args: tuple, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         ts.soft_topk(*args)
+
+
+def test_readme_custom_policy_runs_as_written() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("class DenseEnds"):]
+    block = block[:block.index("```")]
+    model = nn.Sequential(nn.Linear(4, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 2))
+    ts.sparsify(model)
+    namespace = {"ts": ts, "base": torch.optim.SGD(model.parameters(), lr=0.1), "model": model,
+                 "T": 10}
+    exec(block, namespace)  # defines DenseEnds and builds opt
+    opt = namespace["opt"]
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randn(4, 4)).square().mean().backward()
+        opt.step()
+    kept = [int(r.mask.hard_mask.sum()) for r in ts.find_masks(model)]
+    assert kept[0] == 512 and kept[2] == 256  # the ends stay dense
+    assert kept[1] == math.floor(0.1 * (512 + 16384 + 256) - 768 + 0.5)  # the rest of the budget

@@ -67,7 +67,7 @@ class AllocationSolver:
         for i in idx:
             r = self.refs[i]
             dtype = torch.float64 if r.theta.dtype == torch.float64 else torch.float32
-            key = (float(r.mask.cost), math.sqrt(r.mask.block_numel), dtype)
+            key = (self.unit_costs[i] * r.mask.block_numel, math.sqrt(r.mask.block_numel), dtype)
             if keys and keys[-1] == key:
                 runs[-1].append(i)
             else:
