@@ -1,6 +1,6 @@
 """How much does a Spartan training step cost over a dense one? (time, memory, scaling, compile)
 
-One question, one script (style.md 12). In one process, a dense model and a Spartan copy of it
+One question, one script. In one process, a dense model and a Spartan copy of it
 (same initial weights, same base optimizer: SGD with momentum 0.9) take training steps in turn
 (dense, spartan, dense, spartan, ...) on the same random batch; after warm-up the median of the
 repeats is reported, with the breakdown of a step into forward (with the loss), backward,

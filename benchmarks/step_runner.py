@@ -39,7 +39,8 @@ class ModelSpec:
 
 
 SPECS = {
-    # paper anchors (design.md 5): 95% ResNet-50 with beta 10; 90% block-sparse ViT-B/16, beta 20
+    # docs/design.md, "Paper anchors": 95% ResNet-50 with beta 10; 90% block-sparse ViT-B/16,
+    # beta 20
     "resnet50": ModelSpec("resnet50", 224, 0.95, 10.0, None),
     "vit_b_16": ModelSpec("vit_b_16", 224, 0.90, 20.0, (16, 16)),
     # --quick stand-ins

@@ -1,19 +1,19 @@
 """How fast are the mask operators compared with a sort of the same scores?
 
 Question: at ResNet-50 scale (d = 25.5M float32 scores) and across sizes, what do ``soft_topk``
-(cold forward + backward, and a warm-started forward), ``hard_topk`` and ``select_top_budget``
-(50 chunks) cost, as a multiple of ``torch.sort`` of the same scores and of one
-``torch.sigmoid`` pass, both measured in the same run?
+(cold forward + backward, and a warm-started forward), ``hard_topk``, and both on a list of 50
+chunks under one budget (the global problem of training) cost, as a multiple of ``torch.sort``
+of the same scores and of one ``torch.sigmoid`` pass, both measured in the same run?
 
 Targets (issue): soft cold fwd+bwd <= 1.0x sort, warm-started fwd <= 0.3x sort,
 hard_topk <= 0.2x sort, and time linear in d.
 
 Method: each operation runs once to warm up, then ``--repeats`` times; the median wall time is
 reported (CPU, so no synchronisation is needed; on CUDA the script synchronises). The 50 chunks
-are separate tensors of equal cost; ``select_top_budget`` runs one kernel per chunk and pass on
-CPU by default (no copy), and the "group=True" row copies them into one buffer first. Scores are
+are separate tensors of equal cost, passed as a list (``ts.hard_topk(chunks, budget)``,
+``ts.soft_topk(chunks, budget, beta)``): one piece of the engine per chunk. Scores are
 ``|N(0, 1)|``, budget 10% of the entries (90% sparsity), beta = 10. The warm start solves the
-scores, then times the forward on ``scores * 1.001`` with ``mu_init`` from the first solve.
+scores, then times the forward on ``scores * 1.001`` with ``threshold_init`` from the first solve.
 
 Run:  .venv/bin/python benchmarks/topk_speed.py            (writes benchmarks/results/topk_speed.md)
       .venv/bin/python benchmarks/topk_speed.py --quick    (small sizes, prints only)
@@ -33,7 +33,6 @@ import torch
 from machine import cpu_name, sync
 
 import torchspartan as ts
-from torchspartan._select import select_top_budget
 
 RESULT = Path(__file__).parent / "results" / "topk_speed.md"
 FRACTION = 0.1
@@ -82,27 +81,21 @@ def run_size(d: int, repeats: int, device: torch.device) -> dict[str, float]:
     times["soft cold fwd"] = measure(lambda: ts.soft_topk(scores, budget, BETA), repeats, device)
     first = ts.soft_topk(scores, budget, BETA, return_result=True)
     nearby = scores * 1.001
-    warm = ts.soft_topk(nearby, budget, BETA, mu_init=first.mu, return_result=True)
+    warm = ts.soft_topk(nearby, budget, BETA, threshold_init=first.threshold, return_result=True)
     cold = ts.soft_topk(nearby, budget, BETA, return_result=True)
     times["soft warm fwd"] = measure(
-        lambda: ts.soft_topk(nearby, budget, BETA, mu_init=first.mu), repeats, device
+        lambda: ts.soft_topk(nearby, budget, BETA, threshold_init=first.threshold), repeats, device
     )
     times["evaluations cold"] = float(cold.iterations)
     times["evaluations warm"] = float(warm.iterations)
     times["hard_topk"] = measure(lambda: ts.hard_topk(scores, budget), repeats, device)
 
     chunks = [c.clone() for c in torch.chunk(scores, N_CHUNKS)]
-    costs = [1.0] * len(chunks)
-    times[f"select_top_budget ({N_CHUNKS} chunks)"] = measure(
-        lambda: select_top_budget(chunks, costs, budget), repeats, device
+    times[f"hard_topk ({N_CHUNKS} chunks)"] = measure(
+        lambda: ts.hard_topk(chunks, budget), repeats, device
     )
-    times[f"select_top_budget ({N_CHUNKS} chunks, group=True)"] = measure(
-        lambda: select_top_budget(chunks, costs, budget, group=True), repeats, device
-    )
-    _, threshold = select_top_budget(chunks, costs, budget)
-    near_chunks = [c * 1.001 for c in chunks]
-    times[f"select_top_budget ({N_CHUNKS} chunks, hint)"] = measure(
-        lambda: select_top_budget(near_chunks, costs, budget, threshold), repeats, device
+    times[f"soft_topk ({N_CHUNKS} chunks) fwd"] = measure(
+        lambda: ts.soft_topk(chunks, budget, BETA), repeats, device
     )
     return times
 
@@ -122,8 +115,7 @@ def fits(d: int, device: torch.device) -> bool:
 
 
 OPS = ["soft cold fwd+bwd", "soft cold fwd", "soft warm fwd", "hard_topk",
-       f"select_top_budget ({N_CHUNKS} chunks)", f"select_top_budget ({N_CHUNKS} chunks, hint)",
-       f"select_top_budget ({N_CHUNKS} chunks, group=True)"]
+       f"hard_topk ({N_CHUNKS} chunks)", f"soft_topk ({N_CHUNKS} chunks) fwd"]
 
 
 def main_table(d: int, t: dict[str, float]) -> list[str]:

@@ -228,20 +228,26 @@ def _cold_start(
     pieces: Sequence[Piece], budgets: torch.Tensor, total: torch.Tensor, index: torch.Tensor,
     num_segments: int, lo: torch.Tensor, hi: torch.Tensor,
 ) -> torch.Tensor:
-    """Initial ``tau``: the root of the same budget equation on a strided sample of the long
-    rows (every piece keeps its segments), so that the full Newton iteration starts in its
-    quadratic regime; the bracket's midpoint where nothing is long enough to sample."""
-    if all(p.units.shape[-1] < 4 * SAMPLE_SIZE for p in pieces):
+    """Initial ``tau``: the root of the same budget equation on a strided sample (one stride for
+    the whole problem, along the rows; short rows stay whole), so that the full Newton iteration
+    starts in its quadratic regime; the bracket's midpoint for small problems."""
+    n = sum(p.units.numel() for p in pieces)
+    if n < 4 * SAMPLE_SIZE:
         return 0.5 * (lo + hi)
+    stride = n // SAMPLE_SIZE
     sample = []
     for p in pieces:
         length = p.units.shape[-1]
-        stride = max(1, length // SAMPLE_SIZE)
-        offset = min(stride // 2, length - 1)
+        if length < 4 * stride:
+            sample.append(p)
+            continue
+        offset = stride // 2
         cost = p.cost
         if isinstance(cost, torch.Tensor):
             cost = torch.broadcast_to(cost, p.units.shape)[:, offset::stride]
         sample.append(Piece(p.units[:, offset::stride], p.beta, cost, p.segment, p.rowwise))
+    if all(s is p for s, p in zip(sample, pieces, strict=True)):
+        return 0.5 * (lo + hi)
     target = budgets * (_total_cost(sample, index, num_segments) / total)
     return solve_soft(sample, target, tol=1e-6, max_iter=60).tau
 
