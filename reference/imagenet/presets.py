@@ -4,18 +4,18 @@ A preset is a dict of command-line defaults: ``--preset NAME`` replaces the scri
 it, and any flag given explicitly on the command line still wins. ``python -m
 reference.imagenet.train --list-presets`` prints them.
 
-Where each value comes from (``docs/design.md``, "Paper anchors" and "One training step"; the paper's
-ImageNet-1K recipes):
+Where each value comes from (``docs/design.md``, "Paper anchors" and "One training step";
+the paper's ImageNet-1K recipes):
 
-ResNet-50 (all from docs/design.md): 100 epochs, SGD with Nesterov momentum 0.9, lr 1.0 at global batch
-4096 scaled linearly to the actual global batch, 5 warm-up epochs then cosine decay, weight decay
-1e-4 on weights only (none on biases and norms), label smoothing 0.1, mixed precision, global
+ResNet-50 (all from docs/design.md): 100 epochs, SGD with Nesterov momentum 0.9, lr 1.0 at global
+batch 4096 scaled linearly to the actual global batch, 5 warm-up epochs then cosine decay, weight
+decay 1e-4 on weights only (none on biases and norms), label smoothing 0.1, mixed precision, global
 allocation, density 1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen for the
 last 20% of steps, the sparsity counted over all model parameters (``--sparsity-of model``).
 Every conv and linear weight is masked (the first conv and the classifier included).
 
-ViT-B/16 (from docs/design.md): AdamW lr 3e-3, weight decay 0.3, 10 warm-up epochs, gradient clipping
-at norm 1.0, mixup 0.2, cutmix 1.0, RandAugment, beta target 20 (multiplied by
+ViT-B/16 (from docs/design.md): AdamW lr 3e-3, weight decay 0.3, 10 warm-up epochs, gradient
+clipping at norm 1.0, mixup 0.2, cutmix 1.0, RandAugment, beta target 20 (multiplied by
 sqrt(256) = 16 for 16x16 blocks by the library), 16x16 blocks on the encoder's linear layers.
 ASSUMPTIONS, not given in docs/design.md (change them with flags): 300 epochs, label smoothing 0.11,
 the 3e-3 learning rate used as is (not scaled with the batch: ``--lr-ref-batch 0``), the masked
