@@ -56,8 +56,9 @@ def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = No
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
     if spec.group is None:
-        z = torch.addcmul(-spec.beta * tau.detach(), v, spec.beta / spec.cost, out=v)
-        return torch.sigmoid_(z)
+        # the same rounding as the batched path of coupling.py: |theta| * (beta/c) - beta*tau
+        z = torch.mul(v, (spec.beta / spec.cost).to(v.dtype), out=v)
+        return torch.sigmoid_(z.add_((-spec.beta * tau.detach()).to(v.dtype)))
     rows = to_rows(v, spec.group)
     z = (rows / spec.cost - _tau_view(spec, tau.detach())).mul_(spec.beta).to(v.dtype)
     return from_rows(torch.sigmoid_(z), v.shape, spec.group)

@@ -172,7 +172,13 @@ class AllocationSolver:
         tau = solution.tau[0]
         coupling = None
         if len(idx) > 1:
-            coupling = Coupling(masks, [self.refs[i].theta for i in idx], solution.slope[0])
+            thetas = [self.refs[i].theta for i in idx]
+            batched = all(m.method == "spartan" and m.block is None for m in masks) and len(
+                {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
+                torch.float32, torch.float64)
+            scales = [beta / (self.unit_costs[i] * self.refs[i].mask.block_numel) for i in idx]
+            coupling = Coupling(masks, thetas, solution.slope[0], batched=batched,
+                                scales=scales)
             self._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
         for i, m in zip(idx, masks, strict=True):

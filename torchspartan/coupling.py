@@ -10,6 +10,12 @@ A ``Coupling`` makes ``tau`` one autograd node over all the segment's weights. E
 forward uses it, autograd sums ``G = dL/dtau`` over all of them (and over micro-batches), and the
 node's backward adds ``G * d tau / d theta_i`` to each weight's gradient, so ``theta.grad`` is
 complete after ``backward()``: gradient clipping, accumulation and DDP need nothing special.
+
+When every mask of the segment is unstructured with one sharpness (the common global case), the
+coupling computes all the masked weights at once instead (``batched``): one autograd node whose
+forward and backward are a fixed number of multi-tensor (``torch._foreach_*``) ops, whatever the
+number of tensors, with the cross-tensor term folded in. The first masked forward of a step
+computes every weight of the segment; the others take theirs from the cache.
 """
 
 from __future__ import annotations
@@ -45,18 +51,47 @@ class Coupling:
     """
 
     def __init__(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
-                 slope: torch.Tensor) -> None:
+                 slope: torch.Tensor, *, batched: bool = False,
+                 scales: Sequence[float] | None = None) -> None:
         self.masks = list(masks)
         self.thetas = list(thetas)
         self.slope = slope
+        self.batched = batched
+        self.scales = list(scales) if scales is not None else []  # beta / c per tensor
+        self._index = {id(m): k for k, m in enumerate(self.masks)}
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._weights: tuple[tuple[int, ...], bool, tuple[torch.Tensor, ...]] | None = None
+
+    def _key(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.thetas) + tuple(
+            m.threshold._version for m in self.masks)
+
+    def owns(self, mask: BoundMask, theta: torch.Tensor) -> bool:
+        """Whether ``theta`` is the weight this coupling holds for ``mask``."""
+        k = self._index.get(id(mask))
+        return k is not None and self.thetas[k] is theta
+
+    @torch.compiler.disable
+    def weight(self, mask: BoundMask) -> torch.Tensor:
+        """``mask``'s masked weight ``theta * m * h``, from one batched node over the segment."""
+        key, grad = self._key(), torch.is_grad_enabled()
+        if self._weights is None or self._weights[0] != key or self._weights[1] != grad:
+            spec = self.masks[0].spec()
+            info = (spec.beta, spec.tau, self.slope, self.scales,
+                    [m.spec().hard for m in self.masks])
+            if grad:
+                ws = _BatchedWeights.apply(info, *self.thetas)
+            else:
+                with torch.no_grad():
+                    ws = _batched_forward(info, self.thetas)
+            self._weights = (key, grad, tuple(ws))
+        return self._weights[2][self._index[id(mask)]]
 
     @torch.compiler.disable
     def threshold(self) -> torch.Tensor:
         """``tau`` as an autograd node over all the segment's weights; one per step, shared by
         every forward pass until a weight or the threshold changes (gradient accumulation)."""
-        key = tuple(t._version for t in self.thetas) + tuple(
-            m.threshold._version for m in self.masks)
+        key = self._key()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         specs = [m.spec() for m in self.masks]
@@ -67,6 +102,7 @@ class Coupling:
     def release(self) -> None:
         """Unbind every mask of the segment (they then treat ``tau`` as a constant)."""
         self._cache = None
+        self._weights = None
         for m in self.masks:
             m.unbind(self)
 
@@ -104,3 +140,64 @@ class _SharedThreshold(torch.autograd.Function):
             dv = m.mul_(1 - m).mul_((g * spec.beta).to(m.dtype))
             out.append(block_mul(torch.sign(theta), dv, spec.sizes).to(theta.dtype))
         return tuple(out)
+
+
+Info = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[torch.Tensor]]
+
+
+def _soft_masks(info: Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``m = sigmoid(beta * |theta| / c - beta * tau)`` of every tensor: four multi-tensor ops."""
+    beta, tau, _, scales, _ = info
+    m = list(torch._foreach_abs([t.detach() for t in thetas]))
+    torch._foreach_mul_(m, scales)
+    torch._foreach_add_(m, (-beta * tau).to(m[0].dtype))
+    torch._foreach_sigmoid_(m)
+    return m
+
+
+def _batched_forward(info: Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    m = _soft_masks(info, thetas)
+    torch._foreach_mul_(m, info[4])
+    torch._foreach_mul_(m, [t.detach() for t in thetas])
+    return m
+
+
+class _BatchedWeights(torch.autograd.Function):
+    """All masked weights of an unstructured segment with one sharpness, with the exact gradient::
+
+        dL/dtheta = g m + sign(theta) a beta (g |theta| / c + G / S),   a = m (1 - m),
+        G = dL/dtau = -beta sum_k sum(a_k g_k theta_k),
+
+    in multi-tensor ops. It saves no tensors (the weights are Parameters, kept on ``ctx``), so
+    one node serves every forward pass of a step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, info: Info, *thetas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.info = info
+        ctx.thetas = thetas
+        return tuple(_batched_forward(info, thetas))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        beta, _, slope, scales, _ = ctx.info
+        thetas = [t.detach() for t in ctx.thetas]
+        grads = tuple(g.to(t.dtype) for g, t in zip(grads, thetas, strict=True))
+        a = _soft_masks(ctx.info, thetas)
+        out = list(torch._foreach_mul(grads, a))  # g m
+        torch._foreach_addcmul_(a, a, a, value=-1)  # a = m (1 - m)
+        agt = list(torch._foreach_mul(a, grads))
+        torch._foreach_mul_(agt, thetas)  # a g theta
+        total = torch.cat([x.reshape(-1) for x in agt]).sum(dtype=torch.float64)
+        g_tau = -beta * total  # dL/dtau, summed over the segment
+        # a saturated segment (S = 0) has no cross term, not a NaN
+        coef = torch.where(slope > 0, g_tau * beta / slope.clamp_min(torch.finfo(slope.dtype).tiny),
+                           torch.zeros_like(g_tau))
+        sign = torch._foreach_sign(thetas)
+        torch._foreach_mul_(agt, sign)  # a g |theta|
+        torch._foreach_mul_(agt, [beta_c for beta_c in scales])  # (beta / c) a g |theta|
+        torch._foreach_mul_(a, sign)
+        torch._foreach_mul_(a, coef.to(a[0].dtype))  # G beta a sign(theta) / S
+        torch._foreach_add_(out, agt)
+        torch._foreach_add_(out, a)
+        return (None, *out)

@@ -132,15 +132,13 @@ class SpartanMask(nn.Module):
             self.right_inverse(theta)
         spec = self.spec()
         tau: torch.Tensor | None = None
-        if (
-            spec.scope == "shared"
-            and self._coupling is not None
-            and spec.soft
-            and spec.method == "spartan"
-            and torch.is_grad_enabled()
-            and theta.requires_grad
-        ):
-            tau = self._coupling.threshold()  # compiler-disabled
+        coupling = self._coupling
+        if coupling is not None and spec.scope == "shared" and spec.soft and (
+                spec.method == "spartan"):
+            if coupling.batched and coupling.owns(self, theta):
+                return coupling.weight(self)  # compiler-disabled
+            if torch.is_grad_enabled() and theta.requires_grad:
+                tau = coupling.threshold()  # compiler-disabled
         return MaskedWeight.apply(theta, tau, spec)
 
     # -- state, written through update / freeze ---------------------------------------
