@@ -18,7 +18,7 @@ import torch
 from torchspartan._blocks import block_reduce, from_rows, to_rows
 from torchspartan._engine import Piece, hard_select, solve_soft
 from torchspartan._kernels import Scope
-from torchspartan.coupling import Coupling
+from torchspartan.coupling import Batched, Coupling
 from torchspartan.sparsify import MaskRef
 
 __all__ = ["AllocationSolver"]
@@ -44,6 +44,20 @@ class AllocationSolver:
         self.reduce = reduce
         self.hints: dict[tuple[int, ...], list[float]] = {}
         self._new_couplings: list[Coupling] = []
+
+    def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
+                 ) -> Coupling:
+        """The coupling of a budget shared by the masks ``idx`` at threshold ``tau``: batched
+        when every mask is unstructured Spartan with one dtype (float32/float64)."""
+        masks = [self.refs[i].mask for i in idx]
+        thetas = [self.refs[i].theta for i in idx]
+        batched = None
+        if all(m.method == "spartan" and m.block is None for m in masks) and len(
+                {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
+                torch.float32, torch.float64):
+            scales = [beta / (self.unit_costs[i] * self.refs[i].mask.block_numel) for i in idx]
+            batched = Batched(beta, scales, -(beta * tau))
+        return Coupling(masks, thetas, slope, batched=batched)
 
     def take_couplings(self) -> list[Coupling]:
         """The couplings made since the last call (the caller owns and releases them)."""
@@ -170,21 +184,15 @@ class AllocationSolver:
                               tau_init=first.threshold.reshape(1) if warm else None,
                               reduce=self.reduce)
         tau = solution.tau[0]
+        tau_host, err = torch.stack([tau, solution.error.max()]).tolist()  # the one read
         coupling = None
         if len(idx) > 1:
-            thetas = [self.refs[i].theta for i in idx]
-            batched = all(m.method == "spartan" and m.block is None for m in masks) and len(
-                {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
-                torch.float32, torch.float64)
-            scales = [beta / (self.unit_costs[i] * self.refs[i].mask.block_numel) for i in idx]
-            coupling = Coupling(masks, thetas, solution.slope[0], batched=batched,
-                                scales=scales)
+            coupling = self.coupling(idx, solution.slope[0], beta, tau_host)
             self._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
         for i, m in zip(idx, masks, strict=True):
             m.update(hard_of[i], threshold=tau, beta=beta * math.sqrt(m.block_numel),
                      scope=scope, coupling=coupling)
-        err = float(solution.error.max())
         return solution.evaluations, err
 
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float

@@ -21,6 +21,7 @@ computes every weight of the segment; the others take theirs from the cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from torchspartan._blocks import block_mul
 from torchspartan._kernels import MaskSpec, soft_mask
 
-__all__ = ["Coupling"]
+__all__ = ["Batched", "Coupling"]
 
 
 class BoundMask(Protocol):
@@ -51,13 +52,11 @@ class Coupling:
     """
 
     def __init__(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
-                 slope: torch.Tensor, *, batched: bool = False,
-                 scales: Sequence[float] | None = None) -> None:
+                 slope: torch.Tensor, *, batched: Batched | None = None) -> None:
         self.masks = list(masks)
         self.thetas = list(thetas)
         self.slope = slope
         self.batched = batched
-        self.scales = list(scales) if scales is not None else []  # beta / c per tensor
         self._index = {id(m): k for k, m in enumerate(self.masks)}
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._weights: tuple[tuple[int, ...], bool, tuple[torch.Tensor, ...]] | None = None
@@ -76,9 +75,9 @@ class Coupling:
         """``mask``'s masked weight ``theta * m * h``, from one batched node over the segment."""
         key, grad = self._key(), torch.is_grad_enabled()
         if self._weights is None or self._weights[0] != key or self._weights[1] != grad:
-            spec = self.masks[0].spec()
-            info = (spec.beta, spec.tau, self.slope, self.scales,
-                    [m.spec().hard for m in self.masks])
+            if self.batched is None:
+                raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
+            info = _Info(self.batched, self.slope, [m.spec().hard for m in self.masks])
             if grad:
                 ws = _BatchedWeights.apply(info, *self.thetas)
             else:
@@ -142,22 +141,37 @@ class _SharedThreshold(torch.autograd.Function):
         return tuple(out)
 
 
-Info = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float], list[torch.Tensor]]
+@dataclass(frozen=True)
+class Batched:
+    """Host numbers of a batched segment: one sharpness, ``beta / c`` per tensor, and the
+    offset ``-beta * tau`` (read once per step with the solve's other results, so the forward and
+    backward make no host synchronisation)."""
+
+    beta: float
+    scales: list[float]
+    offset: float
 
 
-def _soft_masks(info: Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+
+@dataclass(frozen=True)
+class _Info:
+    batched: Batched
+    slope: torch.Tensor
+    hards: list[torch.Tensor]
+
+
+def _soft_masks(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``m = sigmoid(beta * |theta| / c - beta * tau)`` of every tensor: four multi-tensor ops."""
-    beta, tau, _, scales, _ = info
     m = list(torch._foreach_abs([t.detach() for t in thetas]))
-    torch._foreach_mul_(m, scales)
-    torch._foreach_add_(m, (-beta * tau).to(m[0].dtype))
+    torch._foreach_mul_(m, info.batched.scales)
+    torch._foreach_add_(m, info.batched.offset)
     torch._foreach_sigmoid_(m)
     return m
 
 
-def _batched_forward(info: Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     m = _soft_masks(info, thetas)
-    torch._foreach_mul_(m, info[4])
+    torch._foreach_mul_(m, info.hards)
     torch._foreach_mul_(m, [t.detach() for t in thetas])
     return m
 
@@ -173,14 +187,15 @@ class _BatchedWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, info: Info, *thetas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, info: _Info, *thetas: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.info = info
         ctx.thetas = thetas
         return tuple(_batched_forward(info, thetas))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        beta, _, slope, scales, _ = ctx.info
+        info: _Info = ctx.info
+        beta, scales, slope = info.batched.beta, info.batched.scales, info.slope
         thetas = [t.detach() for t in ctx.thetas]
         grads = tuple(g.to(t.dtype) for g, t in zip(grads, thetas, strict=True))
         a = _soft_masks(ctx.info, thetas)
@@ -195,7 +210,7 @@ class _BatchedWeights(torch.autograd.Function):
                            torch.zeros_like(g_tau))
         sign = torch._foreach_sign(thetas)
         torch._foreach_mul_(agt, sign)  # a g |theta|
-        torch._foreach_mul_(agt, [beta_c for beta_c in scales])  # (beta / c) a g |theta|
+        torch._foreach_mul_(agt, scales)  # (beta / c) a g |theta|
         torch._foreach_mul_(a, sign)
         torch._foreach_mul_(a, coef.to(a[0].dtype))  # G beta a sign(theta) / S
         torch._foreach_add_(out, agt)

@@ -11,6 +11,7 @@ Solving one allocation is the job of :class:`~torchspartan.allocation.Allocation
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -304,9 +305,10 @@ class MaskUpdater:
         self.release()
         for layers, slope in couplings:
             masks = [self.refs[i].mask for i in layers]
-            c = Coupling(masks, [self.refs[i].theta for i in layers],
-                         torch.tensor(slope, dtype=torch.float64,
-                                      device=masks[0].threshold.device))
+            beta = float(masks[0].beta) / math.sqrt(masks[0].block_numel)
+            c = self.solver.coupling(layers, torch.tensor(
+                slope, dtype=torch.float64, device=masks[0].threshold.device), beta,
+                float(masks[0].threshold))
             for m in masks:
                 m.update(m.hard_mask, threshold=m.threshold, beta=float(m.beta),
                          scope="shared", coupling=c)
