@@ -95,11 +95,12 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import cpu_name
+from step_runner import SPECS, build_model, make_dual, record_of, sparsify_model
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -366,80 +367,9 @@ def counted_step(model: nn.Module, opt: torch.optim.Optimizer, base: torch.optim
     return float(loss.detach())
 
 
-# -- models -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    image: int
-    sparsity: float
-    beta_target: float
-    block: tuple[int, int] | None
-
-
-SPECS = {
-    # paper anchors: 95% ResNet-50 with beta 10; 90% ViT-B/16 with 16x16 blocks, beta 20
-    "resnet50": ModelSpec("resnet50", 224, 0.95, 10.0, None),
-    "vit_b_16": ModelSpec("vit_b_16", 224, 0.90, 20.0, (16, 16)),
-    # --quick stand-ins
-    "resnet18": ModelSpec("resnet18", 64, 0.95, 10.0, None),
-    "vit_tiny": ModelSpec("vit_tiny", 64, 0.90, 20.0, (16, 16)),
-}
+# -- models: the same configurations as step_overhead.py ------------------------------------
 LABELS = {"resnet50": "ResNet-50", "vit_b_16": "ViT-B/16 16x16 blocks",
           "resnet18": "ResNet-18", "vit_tiny": "ViT-tiny 16x16 blocks"}
-
-
-def build_model(name: str) -> nn.Module:
-    import torchvision
-
-    if name == "resnet50":
-        return torchvision.models.resnet50(num_classes=1000)
-    if name == "resnet18":
-        return torchvision.models.resnet18(num_classes=1000)
-    if name == "vit_b_16":
-        return torchvision.models.vit_b_16(num_classes=1000)
-    if name == "vit_tiny":
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        return VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4,
-                                 hidden_dim=256, mlp_dim=1024)
-    raise ValueError(f"unknown model {name!r}; choose from {sorted(SPECS)}")
-
-
-def sparsify_model(model: nn.Module, spec: ModelSpec) -> list[str]:
-    if spec.name.startswith("vit"):
-        # 16x16 blocks on the encoder's linear layers (MLP, attention out_proj) and the MHA
-        # in_proj; the patch embedding (conv_proj) and the classifier (heads) stay dense.
-        return ts.sparsify(model, include=(nn.Linear, nn.MultiheadAttention), names=r"^encoder\.",
-                           block=spec.block)
-    return ts.sparsify(model)  # every Conv2d and the Linear classifier, unstructured
-
-
-class Shifted:
-    """``schedule(step + offset)``: starts the run in the middle of the annealing phase."""
-
-    def __init__(self, schedule: Callable[[int], float], offset: int) -> None:
-        self.schedule, self.offset = schedule, offset
-
-    def __call__(self, step: int) -> float:
-        return self.schedule(step + self.offset)
-
-
-def make_dual(model: nn.Module, base: torch.optim.Optimizer, sparsity: float, beta_target: float,
-              total_steps: int, start_step: int) -> ts.DualAveraging:
-    """DualAveraging with the default schedule shapes, shifted to begin at ``start_step``."""
-    density = ts.linear(1.0, 1.0 - sparsity, 0, round(0.2 * total_steps))
-    beta = ts.linear(1.0, beta_target, 0, round(0.8 * total_steps))
-    return ts.DualAveraging(base, model, sparsity=sparsity, total_steps=total_steps,
-                            beta_target=beta_target, density=Shifted(density, start_step),
-                            beta=Shifted(beta, start_step))
-
-
-def record_of(opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-    rec = getattr(opt, "last_record", None)
-    if rec is None:
-        return None
-    return {k: getattr(rec, k, None) for k in ("step", "density", "target_density", "beta",
-                                                "iterations", "mask_change", "frozen")}
 
 
 def counts_of(counter: StepCounter) -> dict[str, Any]:
@@ -516,14 +446,6 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- environment and rendering ----------------------------------------------------------
-def cpu_model() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def library_git() -> str:
     """``git rev-parse --short HEAD`` of the checkout the imported library comes from."""
     def git(*cmd: str) -> str:
@@ -661,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     import torchvision
 
     env = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": args.device, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(), "git": library_git(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

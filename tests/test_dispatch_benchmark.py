@@ -17,6 +17,7 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "dispatch.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(_PATH.parent))  # its sibling modules, as when run as a script
     spec = importlib.util.spec_from_file_location("_dispatch_benchmark", _PATH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -26,6 +27,7 @@ def bench():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+        sys.path.remove(str(_PATH.parent))
 
 
 def _mlp() -> nn.Module:
