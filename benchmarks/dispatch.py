@@ -399,6 +399,8 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
     if label == "spartan":
         opt = make_dual(model, base, spec.sparsity, spec.beta_target, args.total_steps,
                         args.start_step)
+        if args.sync_free:  # the mask update's CUDA path, counted here on the CPU
+            opt.updater.solver.sync_free = True  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, spec.image, spec.image, generator=gen).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
@@ -480,7 +482,10 @@ def render(res: dict[str, Any]) -> str:
         f"base optimizer SGD (lr {res['args']['lr']}, momentum 0.9) for both. Spartan: "
         f"`ts.DualAveraging`, default policy, total_steps={res['args']['total_steps']}, default "
         f"schedule shapes shifted to start at step {res['args']['start_step']} (mid-anneal: "
-        "density and beta strictly between their endpoints, the hard masks change every step).",
+        "density and beta strictly between their endpoints, the hard masks change every step). "
+        + ("Mask update: the sync-free path (selection and warm-started Newton decided on the "
+           "device, the default on CUDA), forced on this CPU." if res['args'].get('sync_free')
+           else "Mask update: the CPU path (the default off CUDA)."),
         "- ResNet-50: every Conv2d and the fc masked, unstructured, 95% sparsity, beta target 10. "
         "ViT-B/16: 16x16 blocks on the encoder's Linear layers and MHA in_proj (conv_proj and "
         "heads dense), 90% sparsity, beta target 20 x sqrt(256).",
@@ -571,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--sync-free", action="store_true",
+                    help="count the mask update's sync-free path (the CUDA default) on the CPU")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu",
                     help="cpu (syncs emulated, see the docstring) or an accelerator")

@@ -236,3 +236,52 @@ def test_import_graph_has_no_private_cross_imports() -> None:
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "torchspartan")],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# the sync-free path (the default on CUDA), forced on the CPU
+
+
+def test_device_selection_is_exact_or_says_so() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from torchspartan._select import select_on_device, select_top_budget
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(1, 200_000), st.integers(0, 2**16), st.sampled_from(["normal", "ties"]),
+           st.integers(0, 1000))
+    def check(n: int, seed: int, kind: str, permille: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(n, generator=g).abs()
+        if kind == "ties":
+            u = (u * 4).round()
+        count = max(1, min(n - 1, round(permille * n / 1000))) if n > 1 else 1
+        mask, threshold, ok = select_on_device(u, count)
+        exact, t = select_top_budget([u], [1.0], float(count))
+        if bool(ok):
+            assert torch.equal(mask, exact[0]) and float(threshold) == t
+
+    check()
+    # the realistic case succeeds: a million float weights, 5% kept
+    u = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)).abs()
+    mask, _, ok = select_on_device(u, 50_000)
+    assert bool(ok) and int(mask.sum()) == 50_000
+
+
+def test_sync_free_updates_give_the_synchronous_masks() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    ts.sparsify(model)
+    twin = copy.deepcopy(model)
+    sync, free = ts.MaskUpdater(model), ts.MaskUpdater(twin)
+    free.solver.sync_free = True
+    for density, beta in [(0.5, 2.0), (0.3, 3.0), (0.1, 4.0), (0.1, 4.5)]:  # cold, then warm
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            b.theta.data.copy_(a.theta.data.mul_(1.01))  # the weights move between updates
+        ra, rb = sync.update(density, beta), free.update(density, beta)
+        assert rb.budget_error <= 1e-6 and ra.density == rb.density
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), a.name
+            torch.testing.assert_close(a.mask.threshold, b.mask.threshold, rtol=1e-5, atol=0)

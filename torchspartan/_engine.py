@@ -163,6 +163,7 @@ def solve_soft(
     tol: float = 1e-6,
     max_iter: int = 100,
     reduce: Reduce | None = None,
+    check: bool = True,
 ) -> SoftSolution:
     """Thresholds ``tau`` with ``sum_{i in j} c_i sigmoid(beta_i (u_i - tau_j)) = B_j``.
 
@@ -175,6 +176,8 @@ def solve_soft(
         tol: relative budget tolerance.
         max_iter: most evaluations.
         reduce: applied to every vector of segment sums (an all-reduce when sharded).
+        check: test convergence (host syncs); ``False`` runs exactly ``max_iter`` evaluations
+            and leaves the check of ``error`` to the caller.
     """
     device = budgets.device
     num_segments = budgets.numel()
@@ -220,7 +223,8 @@ def solve_soft(
     # cannot improve the residual.
     resolution = 8 * torch.finfo(cdt).eps
     x, f, evaluations, slope = safeguarded_newton(
-        evaluate, -tau0, -tau_hi, -tau_lo, budgets, tol, max_iter, resolution=resolution)
+        evaluate, -tau0, -tau_hi, -tau_lo, budgets, tol, max_iter, resolution=resolution,
+        check=check)
     return SoftSolution(work, -x, slope, evaluations, f.abs() / budgets)
 
 
@@ -262,6 +266,7 @@ def safeguarded_newton(
     max_iter: int,
     *,
     resolution: float = 8 * torch.finfo(torch.float64).eps,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Solve ``f(x) = 0`` elementwise for increasing ``f`` with ``f(lo) <= 0 <= f(hi)``.
 
@@ -269,18 +274,21 @@ def safeguarded_newton(
     replaced by bisection. Stops when ``|f| <= tol * target`` everywhere, when the bracket has
     shrunk to ``resolution * (1 + |x|)`` (the tolerance is not attainable at the precision ``f``
     is computed in), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
-    synchronisation) runs every fourth evaluation only.
+    synchronisation) runs every fourth evaluation only; with ``check=False`` never (exactly
+    ``max_iter`` evaluations, no host synchronisation: the caller checks ``f``).
 
     Returns ``(x, f(x), evaluations, f'(x))``.
     """
-    check_every = 4 if x.is_cuda else 1
+    check_every = (4 if x.is_cuda else 1) if check else max_iter + 1
     f, fp = evaluate(x)
     evaluations = 1
     while True:
-        if evaluations % check_every == 0 or evaluations >= max_iter:
+        if evaluations >= max_iter:
+            return x, f, evaluations, fp
+        if evaluations % check_every == 0:
             converged = f.abs() <= tol * target
             resolved = (hi - lo) <= resolution * (1 + x.abs())
-            if bool((converged | resolved).all()) or evaluations >= max_iter:
+            if bool((converged | resolved).all()):
                 return x, f, evaluations, fp
         lo = torch.where(f <= 0, x, lo)
         hi = torch.where(f >= 0, x, hi)

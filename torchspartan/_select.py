@@ -362,3 +362,48 @@ def select_flat(
             m[i[kept_c[start:start + n]]] = True
         start += n
     return masks, threshold
+
+
+# Bins of the key histogram of select_on_device (one per float32 value in the window).
+_KEY_BINS = 1 << 20
+
+
+def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
+    """Keep the ``count`` largest of ``units`` (flat float32, ``>= 0``) with no host sync.
+
+    The same window idea as :func:`select_top_budget`, decided on the device: a strided sample
+    (sorted on the device) brackets the boundary; one histogram of the float32 bit patterns inside
+    the bracket (non-negative floats order like their bits, so every bin is one exact value)
+    gives the exact threshold ``T``; the mask is ``units >= T``. Four passes over ``units``.
+
+    Returns ``(mask, threshold, ok)``, all on the device. ``ok`` is False when the answer may be
+    wrong: the bracket missed the boundary or is wider than the histogram, or entries tied at
+    ``T`` straddle the boundary (then ties must go by position, which this path does not do).
+    The caller reads ``ok`` with its other results and redoes the selection with
+    :func:`select_top_budget` when it is False.
+    """
+    n = units.numel()
+    keys = units.view(torch.int32)
+    stride = max(1, n // _SAMPLE_SIZE)
+    sample = torch.sort(units[stride // 2::stride], descending=True).values
+    s = sample.numel()
+    r = count * s / n
+    p = min(max(r / s, 0.0), 1.0)
+    margin = int(_Z * math.sqrt(s * p * (1 - p)) + 8)
+    lo_i, hi_i = min(int(r) + margin, s - 1), max(int(r) - margin, 0)
+    key_lo = sample[lo_i].view(torch.int32) if int(r) + margin < s else keys.new_zeros(())
+    key_hi = sample[hi_i].view(torch.int32)
+    # bins: 0 below the window, 1.._KEY_BINS one key each from key_lo up, the last above it
+    idx = (keys - key_lo + 1).clamp_(0, _KEY_BINS + 1)
+    counts = torch.zeros(_KEY_BINS + 2, dtype=torch.int64, device=units.device).index_add_(
+        0, idx, torch.ones(1, dtype=torch.int64, device=units.device).expand(n))
+    at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[j]: entries in bins >= j
+    j = (at_least[1:_KEY_BINS + 1] >= count).sum()  # the bin of the count-th largest key
+    threshold_key = key_lo + j - 1
+    exact = at_least.index_select(0, j.reshape(1))[0] == count  # no tie at T straddles it
+    ok = (at_least[_KEY_BINS + 1] < count) & (at_least[1] >= count) & (j >= 1) & exact & (
+        key_hi - key_lo < _KEY_BINS)
+    mask = keys >= threshold_key
+    threshold = threshold_key.to(torch.int32).view(torch.float32).to(torch.float64)
+    return mask, threshold, ok

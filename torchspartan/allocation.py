@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from torchspartan._blocks import block_reduce, from_rows, to_rows
-from torchspartan._engine import Piece, hard_select, solve_soft
+from torchspartan._engine import Piece, SoftSolution, hard_select, solve_soft
 from torchspartan._kernels import Scope
+from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
 from torchspartan.sparsify import MaskRef
 
@@ -31,6 +32,9 @@ class AllocationSolver:
         refs: the masks, as found by :func:`~torchspartan.find_masks`.
         unit_costs: cost of one weight entry of each mask's tensor.
         reduce: hook for every vector of sums over scores (identity in one process).
+        sync_free: select and solve on the device without host syncs, checked once per step
+            (default ``None``: on CUDA only; on a CPU a sync costs nothing and the sampled
+            selection makes fewer passes).
 
     Attributes:
         hints: the last two hard thresholds of every shared budget (keyed by its mask indices):
@@ -38,10 +42,12 @@ class AllocationSolver:
     """
 
     def __init__(self, refs: Sequence[MaskRef], unit_costs: Sequence[float],
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 sync_free: bool | None = None) -> None:
         self.refs = list(refs)
         self.unit_costs = list(unit_costs)
         self.reduce = reduce
+        self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
         self._new_couplings: list[Coupling] = []
 
@@ -94,21 +100,6 @@ class AllocationSolver:
             pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0))
         return pieces, runs
 
-    def check_finite(self, pieces: list[Piece], runs: list[list[int]], step: int
-                      ) -> torch.Tensor:
-        """Largest unit value per piece (one host sync), and the finiteness check of the
-        weights the base step just wrote (NaN propagates through the maximum)."""
-        umax = torch.stack([p.units.amax() for p in pieces]).double()
-        if not bool(torch.isfinite(umax).all()):
-            for run in runs:
-                for i in run:
-                    if not bool(torch.isfinite(self.refs[i].theta).all()):
-                        raise ValueError(
-                            f"{self.refs[i].name} became non-finite (NaN or Inf) in the base "
-                            f"optimizer's step {step}; lower the learning rate or clip gradients"
-                        )
-        return umax
-
     def solve_bounded(self, idx: tuple[int, ...], density: float, beta: float, step: int = 0
                       ) -> tuple[int, float]:
         """Solve one shared budget, fixing tensors that violate their density bounds."""
@@ -152,48 +143,70 @@ class AllocationSolver:
     def solve(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0
               ) -> tuple[int, float]:
         """Hard masks and soft threshold of one shared budget; writes the masks."""
+        pending = self.prepare(idx, budget, beta, step)
+        values = torch.stack(pending.scalars).tolist() if pending.scalars else []
+        return pending.commit(values)
+
+    def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0
+                ) -> Pending:
+        """Compute one shared budget's masks without writing them; ``Pending.scalars`` are the
+        device values its ``commit`` needs (read by the caller, with others, in one sync).
+
+        With ``sync_free`` (default: on CUDA) the hard selection runs on the device
+        (:func:`select_on_device`) and a warm-started Newton solve runs a fixed number of
+        evaluations, both checked at the commit (and redone there on the rare failure), so
+        that preparing makes no host synchronisation.
+        """
         masks = [self.refs[i].mask for i in idx]
         total = sum(self.cost(i) for i in idx)
         if budget >= total * (1 - 1e-12) or budget <= 0:
-            for m in masks:
-                m.update(torch.full_like(m.hard_mask, budget > 0), threshold=m.threshold)
-            return 0, 0.0
+            return Pending(self, idx, step, {i: torch.full_like(m.hard_mask, budget > 0)
+                                             for i, m in zip(idx, masks, strict=True)})
         pieces, runs = self.pieces(idx, beta)
-        umax = self.check_finite(pieces, runs, step)
-        past = self.hints.get(idx, [])
-        hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
-        if hint is not None and not hint > 0:
-            hint = past[-1]
-        hard, thresholds = hard_select(pieces, [budget], [hint])
-        if math.isfinite(thresholds[0]):
-            self.hints[idx] = (past + [thresholds[0]])[-2:]
-        hard_of = {}
-        for run, h in zip(runs, hard, strict=True):
-            sizes = [self.refs[i].mask.hard_mask.numel() for i in run]
-            for i, part in zip(run, h.reshape(-1).split(sizes), strict=True):
-                hard_of[i] = part.view(self.refs[i].mask.hard_mask.shape)
+        umax = torch.stack([p.units.amax() for p in pieces]).double()
+        sync_free = self.sync_free if self.sync_free is not None else umax.is_cuda
+        on_device = sync_free and len(pieces) == 1 and pieces[0].units.dtype == torch.float32
+        pending = Pending(self, idx, step, {}, pieces=pieces, runs=runs, budget=budget,
+                          beta=beta, umax=umax)
+        pending.scalars.append(torch.isfinite(umax).all().to(torch.float64))
+        if on_device:
+            count = math.floor(budget / float(pieces[0].cost) + 0.5)
+            mask, threshold, ok = select_on_device(pieces[0].units.reshape(-1), count)
+            hard = [mask.view(1, -1)]
+            pending.scalars += [ok.to(torch.float64), threshold]
+        else:
+            pending.check_finite_now()
+            hard, thresholds = hard_select(pieces, [budget], [self.hint(idx)])
+            pending.threshold = thresholds[0]
+        pending.set_hard(hard)
         if not any(m.method == "spartan" for m in masks):
-            for i, m in zip(idx, masks, strict=True):
-                m.update(hard_of[i], threshold=m.threshold)
-            return 0, 0.0
+            return pending
         first = masks[0]
         warm = first.soft_active and first.threshold.dim() == 0 and all(
             m.soft_active for m in masks)
         budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
-        solution = solve_soft(pieces, budgets, unit_max=umax,
-                              tau_init=first.threshold.reshape(1) if warm else None,
-                              reduce=self.reduce)
-        tau = solution.tau[0]
-        tau_host, err = torch.stack([tau, solution.error.max()]).tolist()  # the one read
-        coupling = None
-        if len(idx) > 1:
-            coupling = self.coupling(idx, solution.slope[0], beta, tau_host)
-            self._new_couplings.append(coupling)
-        scope: Scope = "shared" if coupling is not None else "local"
-        for i, m in zip(idx, masks, strict=True):
-            m.update(hard_of[i], threshold=tau, beta=beta * math.sqrt(m.block_numel),
-                     scope=scope, coupling=coupling)
-        return solution.evaluations, err
+        tau_init = first.threshold.reshape(1) if warm else None
+        if sync_free and warm:
+            solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
+                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+        else:
+            solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
+                                  reduce=self.reduce)
+        pending.solution = solution
+        pending.scalars += [solution.tau[0], solution.error.max()]
+        return pending
+
+    def hint(self, idx: tuple[int, ...]) -> float | None:
+        """The next hard threshold of budget ``idx``, extrapolated from its last two."""
+        past = self.hints.get(idx, [])
+        hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
+        if hint is not None and not hint > 0:
+            hint = past[-1]
+        return hint
+
+    def remember(self, idx: tuple[int, ...], threshold: float) -> None:
+        if math.isfinite(threshold):
+            self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
 
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
                     ) -> tuple[int, float]:
@@ -223,3 +236,94 @@ class AllocationSolver:
             error = max(error, float(solution.error.max()))
         return iterations, error
 
+
+
+# Newton evaluations of a warm-started solve that makes no host sync (checked at the commit).
+NEWTON_UNCHECKED = 4
+# The relative budget tolerance of the soft solve during training.
+TOLERANCE = 1e-6
+
+
+class Pending:
+    """One shared budget's masks, computed but not yet written (see ``prepare``).
+
+    ``scalars`` are 0-dim device tensors, read by the caller (one host sync for all of them and
+    for anything else it needs), then passed in that order to :meth:`commit`.
+    """
+
+    def __init__(self, solver: AllocationSolver, idx: tuple[int, ...], step: int,
+                 hard_of: dict[int, torch.Tensor], *, pieces: list[Piece] | None = None,
+                 runs: list[list[int]] | None = None, budget: float = 0.0, beta: float = 0.0,
+                 umax: torch.Tensor | None = None) -> None:
+        self.solver, self.idx, self.step, self.hard_of = solver, idx, step, hard_of
+        self.pieces, self.runs, self.budget, self.beta, self.umax = (
+            pieces or [], runs or [], budget, beta, umax)
+        self.scalars: list[torch.Tensor] = []
+        self.threshold: float | None = None  # the hard threshold, when known on the host
+        self.solution: SoftSolution | None = None
+
+    def set_hard(self, hard: list[torch.Tensor]) -> None:
+        refs = self.solver.refs
+        for run, h in zip(self.runs, hard, strict=True):
+            sizes = [refs[i].mask.hard_mask.numel() for i in run]
+            for i, part in zip(run, h.reshape(-1).split(sizes), strict=True):
+                self.hard_of[i] = part.view(refs[i].mask.hard_mask.shape)
+
+    def check_finite_now(self) -> None:
+        if self.umax is not None and not bool(torch.isfinite(self.umax).all()):
+            self.raise_non_finite()
+
+    def raise_non_finite(self) -> None:
+        for run in self.runs:
+            for i in run:
+                r = self.solver.refs[i]
+                if not bool(torch.isfinite(r.theta).all()):
+                    raise ValueError(
+                        f"{r.name} became non-finite (NaN or Inf) in the base optimizer's step "
+                        f"{self.step}; lower the learning rate or clip gradients"
+                    )
+
+    def commit(self, values: Sequence[float]) -> tuple[int, float]:
+        """Check what was computed on the device, redo what failed, write the masks.
+
+        Returns the Newton evaluations and the relative budget error.
+        """
+        solver, idx = self.solver, self.idx
+        masks = [solver.refs[i].mask for i in idx]
+        if not self.pieces:  # keep all or nothing
+            for i, m in zip(idx, masks, strict=True):
+                m.update(self.hard_of[i], threshold=m.threshold)
+            return 0, 0.0
+        values = list(values)
+        if not values.pop(0):
+            self.raise_non_finite()
+        if self.threshold is None:  # selected on the device
+            ok, threshold = values.pop(0), values.pop(0)
+            if not ok:
+                hard, thresholds = hard_select(self.pieces, [self.budget], [solver.hint(idx)])
+                self.set_hard(hard)
+                threshold = thresholds[0]
+            self.threshold = threshold
+        solver.remember(idx, self.threshold)
+        if self.solution is None:
+            for i, m in zip(idx, masks, strict=True):
+                m.update(self.hard_of[i], threshold=m.threshold)
+            return 0, 0.0
+        solution = self.solution
+        tau_host, err = values.pop(0), values.pop(0)
+        evaluations = solution.evaluations
+        if not err <= TOLERANCE:  # an unchecked solve that has not converged yet: go on
+            budgets = torch.tensor([self.budget], dtype=torch.float64, device=solution.tau.device)
+            solution = solve_soft(self.pieces, budgets, unit_max=self.umax,
+                                  tau_init=solution.tau, reduce=solver.reduce)
+            tau_host, err = torch.stack([solution.tau[0], solution.error.max()]).tolist()
+            evaluations += solution.evaluations
+        coupling = None
+        if len(idx) > 1:
+            coupling = solver.coupling(idx, solution.slope[0], self.beta, tau_host)
+            solver._new_couplings.append(coupling)
+        scope: Scope = "shared" if coupling is not None else "local"
+        for i, m in zip(idx, masks, strict=True):
+            m.update(self.hard_of[i], threshold=solution.tau[0],
+                     beta=self.beta * math.sqrt(m.block_numel), scope=scope, coupling=coupling)
+        return evaluations, err
