@@ -180,34 +180,30 @@ def test_mask_freeze_folds_once_and_survives_the_model_state_dict() -> None:
     assert other.parametrizations.weight[0].is_frozen
 
 
-def test_release_0_1_checkpoint_still_loads(tmp_path: Path) -> None:
-    # a checkpoint written by the 0.1 release (state version 1, no 'frozen' buffers); built
-    # here from that release's format by hand, as the release's own code is not installed
+def test_release_0_1_checkpoint_loads_and_continues() -> None:
+    # tests/data/release_0_1.pth: written by release 0.1 (state version 1, no 'frozen' buffers)
+    # after 3 steps of this run, with the weights 0.1 reached 2 steps later
+    from helpers import batches
+
+    ckpt = torch.load(ROOT / "tests" / "data" / "release_0_1.pth", weights_only=True)
+    assert ckpt["optimizer"]["spartan"]["version"] == 1
     model = mlp(width=8)
     ts.sparsify(model)
-    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1), model, sparsity=0.5,
-                           total_steps=10)
-    model_sd = {k: v for k, v in model.state_dict().items() if not k.endswith(".frozen")}
-    sd = opt.state_dict()
-    names = opt.masked_names
-    tau = float(ts.find_masks(model)[0].mask.threshold)
-    sd["spartan"] = {
-        "version": 1, "step": 0, "frozen": True, "layers": [[n, list(r.theta.shape), "spartan"]
-                                                            for n, r in zip(
-                                                                names, ts.find_masks(model),
-                                                                strict=True)],
-        "problems": [{"layers": list(range(len(names))), "tau": tau, "total_slope": 2.5}],
-        "hints": [[list(range(len(names))), [0.1, 0.2]]],
-        "last_record": opt.last_record.__dict__,
-    }
-    fresh = copy.deepcopy(model)
-    fresh.load_state_dict(model_sd)
-    opt2 = ts.DualAveraging(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, sparsity=0.5,
-                            total_steps=10)
-    opt2.load_state_dict(sd)
-    assert opt2.updater.frozen
-    assert opt2.state_dict()["spartan"]["updater"]["hints"] == [[list(range(len(names))),
-                                                                 [0.1, 0.2]]]
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                           sparsity=0.5, total_steps=10)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    assert opt.last_record.step == 3 and opt.state_dict()["spartan"]["version"] == 2
+    for x, y in batches(5, (6,))[3:]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = model.state_dict()
+    for key, expected in ckpt["after_two_more_steps"].items():
+        if expected.dtype == torch.bool:
+            assert torch.equal(state[key], expected), key
+        else:
+            torch.testing.assert_close(state[key], expected, rtol=1e-6, atol=1e-9, msg=key)
 
 
 def test_state_dict_of_a_newer_release_is_refused() -> None:
