@@ -18,6 +18,7 @@ The Parameter ``theta`` stays the same object from registration to :func:`torchs
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -78,13 +79,16 @@ class SpartanMask(nn.Module):
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if block is not None:
-            block = tuple(int(b) for b in block)
-            if len(block) == 0 or any(b < 1 for b in block):
-                raise ValueError(f"block must be a tuple of positive sizes, got {block!r}")
+            block = _check_block(block)
         if method == "fixed" and mask is None:
             raise ValueError("method='fixed' needs mask=<bool tensor>; the mask it keeps forever")
         if method != "fixed" and mask is not None:
             raise ValueError(f"mask= is only for method='fixed', got method={method!r}")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+        for name, value in (("min_density", min_density), ("max_density", max_density)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
         if not (0.0 <= min_density <= max_density <= 1.0):
             raise ValueError(
                 "need 0 <= min_density <= max_density <= 1, got "
@@ -109,7 +113,8 @@ class SpartanMask(nn.Module):
 
     # -- parametrization protocol -------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """Called once by ``register_parametrization``: checks the shape, creates the buffers."""
+        """Called once by ``register_parametrization``: checks the tensor, creates the buffers."""
+        self.check_tensor(weight)
         if self.hard_mask is None or self.hard_mask.shape != self.grid_shape(weight.shape):
             sizes = self._sizes_for(weight.shape)
             grid = tuple(n // s for n, s in zip(weight.shape, sizes, strict=True))
@@ -233,6 +238,19 @@ class SpartanMask(nn.Module):
                 )
         return block_sizes(shape, self.block)
 
+    def check_tensor(self, weight: torch.Tensor) -> None:
+        """Raise ``ValueError`` for a tensor a mask cannot serve: not floating point, empty,
+        or not a dense (strided) tensor."""
+        if weight.layout != torch.strided:
+            raise ValueError(f"a SpartanMask needs a dense weight, got layout {weight.layout}; "
+                             f"exclude this tensor")
+        if not weight.is_floating_point():
+            raise ValueError(f"a SpartanMask needs a floating-point weight, got {weight.dtype}; "
+                             f"exclude this tensor")
+        if weight.numel() == 0:
+            raise ValueError(f"a SpartanMask needs a non-empty weight, got shape "
+                             f"{tuple(weight.shape)}; exclude this tensor")
+
     def grid_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of the hard mask for a weight of ``shape`` (one entry per block)."""
         sizes = self._sizes_for(shape)
@@ -253,7 +271,14 @@ class SpartanMask(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # An N:M threshold has one entry per group; a checkpoint of release 0.1 has no 'frozen'.
+        # Checked whole before anything is copied: a bad entry leaves this mask as it was (and
+        # load_state_dict raises, naming it). An N:M threshold has one entry per group; a
+        # checkpoint of release 0.1 has no 'frozen'.
+        problems = self._check_entry(state_dict, prefix)
+        if problems:
+            error_msgs = args[-1]
+            error_msgs.extend(f"{prefix[:-1] or 'mask'}: {p}" for p in problems)
+            return
         tau = state_dict.get(prefix + "threshold")
         if isinstance(tau, torch.Tensor) and tau.shape != self.threshold.shape:
             self.threshold = torch.empty_like(tau, dtype=torch.float64,
@@ -261,6 +286,50 @@ class SpartanMask(nn.Module):
         if prefix + "frozen" not in state_dict:
             state_dict[prefix + "frozen"] = self.frozen.clone()
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _check_entry(self, state_dict: dict[str, Any], prefix: str) -> list[str]:
+        """What is wrong with this mask's entries of a state dict (nothing: ``[]``)."""
+        out = []
+
+        def get(name: str) -> torch.Tensor | None:
+            v = state_dict.get(prefix + name)
+            if v is not None and not isinstance(v, torch.Tensor):
+                out.append(f"{name} must be a tensor, got {type(v).__name__}")
+                return None
+            return v
+
+        hard = get("hard_mask")
+        if hard is not None:
+            if hard.dtype != torch.bool:
+                out.append(f"hard_mask must be a bool tensor, got {hard.dtype}")
+            elif self.hard_mask is not None and hard.shape != self.hard_mask.shape:
+                out.append(f"hard_mask of shape {tuple(hard.shape)} does not fit this mask's "
+                           f"{tuple(self.hard_mask.shape)} (another model, or another block?)")
+        grid = hard if hard is not None else self.hard_mask
+        tau = get("threshold")
+        if tau is not None:
+            if not tau.is_floating_point() or tau.dim() > 1:
+                out.append(f"threshold must be a float tensor with 0 or 1 dims, got {tau.dtype} "
+                           f"of shape {tuple(tau.shape)}")
+            elif tau.dim() == 1 and (grid is None or tau.numel() == 0
+                                     or grid.numel() % tau.numel()):
+                out.append(f"threshold has {tau.numel()} entries (one per N:M group), which do "
+                           f"not divide the mask's {None if grid is None else grid.numel()}")
+            elif not bool(torch.isfinite(tau).all()):
+                out.append("threshold holds NaN or Inf")
+        for name, low in (("beta", 0.0), ("cost", None)):
+            v = get(name)
+            if v is None:
+                continue
+            if v.numel() != 1 or not v.is_floating_point() or not math.isfinite(float(v)) or (
+                    float(v) < 0 if low is not None else float(v) <= 0):
+                need = ">= 0" if low is not None else "> 0"
+                out.append(f"{name} must be one finite number {need}, got {v.tolist()}")
+        frozen = get("frozen")
+        if frozen is not None and (frozen.dtype != torch.bool or frozen.numel() != 1):
+            out.append(f"frozen must be one bool, got {frozen.dtype} of shape "
+                       f"{tuple(frozen.shape)}")
+        return out
 
     def _refresh_flags(self, *_: Any) -> None:
         self.soft_active = bool(self.beta > 0)
@@ -271,6 +340,15 @@ class SpartanMask(nn.Module):
         if self.block is not None:
             s += f", block={self.block}"
         return s
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled masks are unbound from any coupling, as copies are (same masks, same outputs;
+        a pickled ``DualAveraging`` or ``MaskUpdater`` binds them again when loaded)."""
+        state = self.__dict__.copy()
+        state["_coupling"] = None
+        if state.get("_scope") == "shared":
+            state["_scope"] = "none"
+        return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SpartanMask:
         """Copies are unbound from any coupling (same masks, same outputs)."""
@@ -284,3 +362,14 @@ class SpartanMask(nn.Module):
         if new._scope == "shared":
             new._scope = "none"
         return new
+
+
+def _check_block(block: Any) -> tuple[int, ...]:
+    """``block`` as a tuple of positive integer sizes."""
+    if isinstance(block, (numbers.Integral, torch.Tensor)) or not isinstance(block, Sequence):
+        raise TypeError(f"block must be a tuple of sizes, one per leading dim (e.g. block=(16, "
+                        f"16)), got {block!r}")
+    ok = all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in block)
+    if not ok or len(block) == 0 or any(b < 1 for b in block):
+        raise ValueError(f"block must be a tuple of positive integer sizes, got {block!r}")
+    return tuple(int(b) for b in block)

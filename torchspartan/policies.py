@@ -22,6 +22,7 @@ one.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,12 +55,15 @@ class MaskedTensor:
         block: the mask's block shape, or ``None`` for an unstructured mask.
         unit_cost: cost of one weight entry under the policy's cost model (mean 1 over all
             masked weights).
+        input_dim: the weight's input dimension: 1 for ``Linear``/``Conv`` (``out x in``), 0 for
+            layers that store it ``in x out`` (transformers' ``Conv1D``, transposed convs).
     """
 
     name: str
     shape: tuple[int, ...]
     block: tuple[int, ...] | None = None
     unit_cost: float = 1.0
+    input_dim: int = 1
 
     @property
     def numel(self) -> int:
@@ -107,7 +111,8 @@ class FlopCost(CostModel):
 
     Measured by one forward pass of ``example_input`` with hooks on the owning modules: a
     ``Conv{1,2,3}d`` weight entry costs the number of output positions (``H_out * W_out`` for 2-D),
-    a ``Linear`` weight entry the number of tokens per sample (product of the output's middle
+    a ``ConvTranspose`` entry the number of input positions, a ``Linear`` (or transformers'
+    ``Conv1D``) weight entry the number of tokens per sample (product of the output's middle
     dims, 1 for a ``(batch, features)`` output), anything else 1.
 
     Args:
@@ -119,12 +124,15 @@ class FlopCost(CostModel):
     def unit_costs(self, model: nn.Module, modules: Sequence[nn.Module]) -> list[float]:
         seen: dict[int, float] = {}
 
-        def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        def hook(mod: nn.Module, inp: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor):
                 return
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 seen[id(mod)] = float(math.prod(out.shape[2:]))
-            elif isinstance(mod, nn.Linear):
+            elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else out
+                seen[id(mod)] = float(math.prod(x.shape[2:]))
+            elif isinstance(mod, nn.Linear) or "Conv1D" in {c.__name__ for c in type(mod).__mro__}:
                 seen[id(mod)] = float(math.prod(out.shape[1:-1]))
 
         handles = [m.register_forward_hook(hook) for m in modules]
@@ -220,7 +228,8 @@ class ERK(AllocationPolicy):
 
     def __init__(self, power: float = 1.0, *, costs: CostModel | None = None) -> None:
         super().__init__(costs)
-        if not (isinstance(power, (int, float)) and power >= 0 and math.isfinite(power)):
+        if isinstance(power, bool) or not (isinstance(power, numbers.Real) and power >= 0
+                                            and math.isfinite(power)):
             raise ValueError(f"ERK power must be finite and >= 0, got {power!r}")
         self.power = float(power)
 
@@ -255,17 +264,24 @@ class NM(AllocationPolicy):
 
     def __init__(self, n: int, m: int) -> None:
         super().__init__()
-        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (n, m))
+        ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (n, m))
         if not (ok and 1 <= n < m):
             raise ValueError(f"NM(n, m) needs integers 1 <= n < m (e.g. NM(2, 4)), got {n!r}, "
                              f"{m!r}")
-        self.n, self.m = n, m
+        self.n, self.m = int(n), int(m)
 
     def allocate(self, tensors: Sequence[MaskedTensor], density: float) -> list[Allocation]:
         return [Allocation((i,), density, group=self.m) for i in range(len(tensors))]
 
     def check(self, tensors: Sequence[MaskedTensor], final_density: float) -> None:
         for t in tensors:
+            if t.input_dim != 1:
+                raise ValueError(
+                    f"{t.name} of shape {t.shape} stores its weight in x out (input along dim "
+                    f"{t.input_dim}, e.g. transformers' Conv1D), but NM({self.n}, {self.m}) groups "
+                    f"along dim 1, which would group outputs; exclude this tensor from the masks "
+                    f"(or convert the layer to nn.Linear)"
+                )
             if t.block is not None:
                 raise ValueError(
                     f"{t.name}: NM({self.n}, {self.m}) groups single weights, but this mask has "
@@ -288,13 +304,39 @@ class NM(AllocationPolicy):
         return f"NM({self.n}, {self.m})"
 
 
-def normalise_costs(raw: Sequence[float], sizes: Sequence[int]) -> list[float]:
-    """Scale costs so that their mean over all weight entries is 1."""
-    total = sum(c * n for c, n in zip(raw, sizes, strict=True))
+def normalise_costs(raw: Sequence[float], sizes: Sequence[int],
+                    names: Sequence[str] | None = None) -> list[float]:
+    """Scale costs so that their mean over all weight entries is 1.
+
+    Raises:
+        TypeError / ValueError: ``raw`` is not one finite number > 0 per tensor (the error names
+            the tensor and the value, and says to fix the cost model).
+    """
+    names = list(names) if names is not None else [f"tensor {i}" for i in range(len(sizes))]
+    fix = "fix the CostModel.unit_costs that produced them"
+    try:
+        raw = list(raw)
+    except TypeError:
+        raise TypeError(f"the cost model gave {raw!r}: unit_costs must return one number per "
+                        f"masked tensor; {fix}") from None
+    if len(raw) != len(sizes):
+        raise ValueError(f"the cost model gave {len(raw)} costs for {len(sizes)} masked tensors; "
+                         f"unit_costs must return one number per masked tensor; {fix}")
+    costs = []
+    for name, c in zip(names, raw, strict=True):
+        if isinstance(c, torch.Tensor) and c.numel() == 1:
+            c = c.item()
+        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+            raise TypeError(f"the cost model gave {c!r} for {name}: costs must be numbers; {fix}")
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(
+                f"the cost model gave cost {c!r} for {name}: costs must be finite and > 0 (a zero "
+                f"cost makes its weights free, so no budget could limit them); {fix}"
+            )
+        costs.append(float(c))
+    total = math.fsum(c * n for c, n in zip(costs, sizes, strict=True))
     if not (total > 0 and math.isfinite(total)):
-        raise ValueError(
-            f"the cost model gave costs {list(raw)[:5]}...: costs must be finite and > 0; fix the "
-            f"CostModel.unit_costs that produced them"
-        )
+        raise ValueError(f"the cost model's costs {costs[:5]} overflow when summed over the "
+                         f"weights; scale them down; {fix}")
     scale = sum(sizes) / total
-    return [c * scale for c in raw]
+    return [c * scale for c in costs]

@@ -7,6 +7,7 @@ built-in shapes. Outside ``[begin, end]`` a schedule holds its end values.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,11 +16,20 @@ __all__ = ["Schedule", "constant", "cosine", "linear"]
 Schedule = Callable[[int], float]
 
 
-def _check_steps(begin: int, end: int) -> None:
-    if not (isinstance(begin, int) and isinstance(end, int)) or begin < 0 or end < begin:
+def _check_steps(begin: int, end: int) -> tuple[int, int]:
+    ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (begin, end))
+    if not ok or begin < 0 or end < begin:
         raise ValueError(
             f"a schedule needs integer steps 0 <= begin <= end, got begin={begin!r}, end={end!r}"
         )
+    return int(begin), int(end)
+
+
+def _check_value(name: str, value: float) -> float:
+    """``value`` as a float: any real number (numpy scalars included), finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"a schedule's {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,9 @@ def linear(start: float, stop: float, begin: int, end: int) -> Schedule:
         >>> s(0), round(s(5), 6), s(99)
         (1.0, 0.55, 0.1)
     """
-    _check_steps(begin, end)
-    return _Interpolated(float(start), float(stop), begin, end, "linear")
+    begin, end = _check_steps(begin, end)
+    return _Interpolated(_check_value("start", start), _check_value("stop", stop), begin, end,
+                         "linear")
 
 
 def cosine(start: float, stop: float, begin: int, end: int) -> Schedule:
@@ -62,10 +73,12 @@ def cosine(start: float, stop: float, begin: int, end: int) -> Schedule:
         >>> round(ts.cosine(1.0, 0.0, begin=0, end=10)(5), 6)
         0.5
     """
-    _check_steps(begin, end)
-    return _Interpolated(float(start), float(stop), begin, end, "cosine")
+    begin, end = _check_steps(begin, end)
+    return _Interpolated(_check_value("start", start), _check_value("stop", stop), begin, end,
+                         "cosine")
 
 
 def constant(value: float) -> Schedule:
     """The same value at every step."""
-    return _Interpolated(float(value), float(value), 0, 0, "linear")
+    value = _check_value("value", value)
+    return _Interpolated(value, value, 0, 0, "linear")
