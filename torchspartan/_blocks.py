@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "block_expand",
     "block_mul",
     "block_reduce",
     "block_sizes",
@@ -44,20 +43,6 @@ def block_reduce(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         return x
     inter, _ = interleaved(x.shape, sizes)
     return x.reshape(inter).sum(dim=tuple(range(1, 2 * x.dim(), 2)))
-
-
-def block_expand(y: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Repeat each block-grid entry of ``y`` over its block (inverse shape of block_reduce)."""
-    if all(s == 1 for s in sizes):
-        return y
-    inter: list[int] = []
-    full: list[int] = []
-    out: list[int] = []
-    for n, s in zip(y.shape, sizes, strict=True):
-        inter += [n, 1]
-        full += [n, s]
-        out.append(n * s)
-    return y.reshape(inter).expand(full).reshape(out)
 
 
 def block_mul(x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from torchspartan._blocks import block_mul, block_reduce, from_rows, interleaved, to_rows
 
-__all__ = ["MaskSpec", "MaskedWeight", "soft_mask", "soft_slope"]
+__all__ = ["MaskSpec", "MaskedWeight", "soft_mask"]
 
 Scope = Literal["local", "shared", "none"]
 
@@ -62,11 +62,6 @@ def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = No
     rows = to_rows(v, spec.group)
     z = (rows / spec.cost - _tau_view(spec, tau.detach())).mul_(spec.beta).to(v.dtype)
     return from_rows(torch.sigmoid_(z), v.shape, spec.group)
-
-
-def soft_slope(m: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """``a = m (1 - m)`` (in place in ``m``)."""
-    return m.addcmul_(m, m, value=-1)
 
 
 def _segment_mean(a: torch.Tensor, b: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
