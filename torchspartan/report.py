@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchspartan.sparsify import find_masks
+from torchspartan.sparsify import MaskRef, find_masks
 
 __all__ = ["SparsityReport", "SparsityRow", "finalize", "sparsity_report"]
+
+
+# Set by ``finalize`` on the model it finalized: the qualified names (relative to that model) of
+# the tensors that were masked, so that ``sparsity_report`` can still tell them apart. A plain
+# attribute: it follows the model through deepcopy and pickle, not through ``state_dict``.
+MASKED_NAMES_ATTR = "_torchspartan_masked"
 
 
 def finalize(model: nn.Module) -> None:
@@ -20,6 +27,10 @@ def finalize(model: nn.Module) -> None:
     training) holding the weight the forward pass used (``theta * h`` after fine-tuning), so
     ``model.state_dict()`` has the original keys and loads into a fresh unmasked model. Other
     parametrizations on the same tensor are baked in too (``parametrize`` removes them together).
+    A tied tensor (one mask at several places) is baked once and stays shared.
+
+    The names of the tensors that were masked are kept on ``model`` (a plain attribute), so
+    that :func:`sparsity_report`'s ``masked_sparsity`` still counts them.
 
     Raises:
         ValueError: the model has no SpartanMask.
@@ -36,9 +47,28 @@ def finalize(model: nn.Module) -> None:
     found = find_masks(model)
     if not found:
         raise ValueError("finalize: the model has no SpartanMask (already finalized?)")
+    groups: dict[int, list[MaskRef]] = {}
+    for r in found:
+        groups.setdefault(id(r.mask), []).append(r)
+    names = list(getattr(model, MASKED_NAMES_ATTR, ()))
+    with torch.no_grad():
+        values = {k: getattr(g[0].module, g[0].tensor_name).detach().clone()
+                  for k, g in groups.items() if len(g) > 1}
     for r in found:
         r.mask.unbind()
-        parametrize.remove_parametrizations(r.module, r.tensor_name, leave_parametrized=True)
+    for key, group in groups.items():
+        names.append(group[0].name)
+        if len(group) == 1:
+            r = group[0]
+            parametrize.remove_parametrizations(r.module, r.tensor_name, leave_parametrized=True)
+            continue
+        theta = group[0].theta  # one Parameter at every place: write the masked value once
+        for r in group:
+            parametrize.remove_parametrizations(r.module, r.tensor_name,
+                                                leave_parametrized=False)
+        with torch.no_grad():
+            theta.copy_(values[key])
+    setattr(model, MASKED_NAMES_ATTR, tuple(dict.fromkeys(names)))
 
 
 @dataclass(frozen=True)
@@ -70,9 +100,19 @@ class SparsityReport:
 
     @property
     def masked_sparsity(self) -> float:
-        """Fraction of zeros over the tensors with at least 2 dims (weights; biases and norms
-        excluded); after ``finalize`` these are the masked ones."""
-        rows = [r for r in self.rows if r.masked or len(r.shape) >= 2]
+        """Fraction of zeros over the masked tensors: those under a mask now, or masked before
+        :func:`finalize` (it keeps their names on the model). ``nan`` when the report knows of
+        none (e.g. a finalized model's state dict loaded into a fresh model: use
+        :attr:`weight_sparsity` there)."""
+        rows = [r for r in self.rows if r.masked]
+        total = sum(r.numel for r in rows)
+        return 1.0 - sum(r.nonzero for r in rows) / total if total else math.nan
+
+    @property
+    def weight_sparsity(self) -> float:
+        """Fraction of zeros over every tensor with at least 2 dims (the weights: biases and
+        norms excluded), masked or not."""
+        rows = [r for r in self.rows if len(r.shape) >= 2]
         total = sum(r.numel for r in rows)
         return 1.0 - sum(r.nonzero for r in rows) / total if total else 0.0
 
@@ -89,8 +129,13 @@ class SparsityReport:
         lines.append("-" * len(head))
         lines.append(f"{'all parameters':<40} {'':<22} {total:>10} {nonzero:>10} "
                      f"{self.overall_sparsity:>9.2%}")
-        lines.append(f"{'weights (dim >= 2)':<40} {'':<22} {'':>10} {'':>10} "
-                     f"{self.masked_sparsity:>9.2%}")
+        masked = [r for r in self.rows if r.masked]
+        if masked:
+            lines.append(f"{'masked tensors':<40} {'':<22} {sum(r.numel for r in masked):>10} "
+                         f"{sum(r.nonzero for r in masked):>10} {self.masked_sparsity:>9.2%}")
+        weights = [r for r in self.rows if len(r.shape) >= 2]
+        lines.append(f"{'weights (dim >= 2)':<40} {'':<22} {sum(r.numel for r in weights):>10} "
+                     f"{sum(r.nonzero for r in weights):>10} {self.weight_sparsity:>9.2%}")
         return "\n".join(lines)
 
 
@@ -98,23 +143,34 @@ class SparsityReport:
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Zeros per parameter of any model; masked tensors are read through their mask.
 
+    Every tensor is counted once: a Parameter shared by several modules (tied weights) is one
+    row, under its first name. Rows are ``masked`` when a SpartanMask is on them, or when
+    :func:`finalize` recorded them as masked.
+
     Example:
         >>> import torch, torchspartan as ts
         >>> print(ts.sparsity_report(torch.nn.Linear(2, 2)).overall_sparsity)
         0.0
     """
     masked = {r.name for r in find_masks(model)}
-    rows = []
     for mod_name, module in model.named_modules():
+        for name in getattr(module, MASKED_NAMES_ATTR, ()):
+            masked.add(f"{mod_name}.{name}" if mod_name else name)
+    rows = []
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        values: list[tuple[str, torch.Tensor, int]] = []
         for pname, param in module.named_parameters(recurse=False):
-            qual = f"{mod_name}.{pname}" if mod_name else pname
-            rows.append(SparsityRow(qual, tuple(param.shape), param.numel(),
-                                    int(torch.count_nonzero(param)), False))
+            values.append((pname, param, id(param)))
         if parametrize.is_parametrized(module):
-            for tname in module.parametrizations:
-                qual = f"{mod_name}.{tname}" if mod_name else tname
-                value = getattr(module, tname)
-                rows.append(SparsityRow(qual, tuple(value.shape), value.numel(),
-                                        int(torch.count_nonzero(value)), qual in masked))
-    rows = [r for r in rows if ".parametrizations." not in r.name]
+            for tname, plist in module.parametrizations.items():
+                key = id(getattr(plist, "original", plist))
+                values.append((tname, getattr(module, tname), key))
+        for pname, value, key in values:
+            qual = f"{mod_name}.{pname}" if mod_name else pname
+            if ".parametrizations." in qual or key in seen:
+                continue
+            seen.add(key)
+            rows.append(SparsityRow(qual, tuple(value.shape), value.numel(),
+                                    int(torch.count_nonzero(value)), qual in masked))
     return SparsityReport(tuple(rows))

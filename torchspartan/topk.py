@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -141,6 +142,7 @@ class _Checked:
     total: torch.Tensor
     unit_min: torch.Tensor
     unit_max: torch.Tensor
+    cost_max: float = 1.0
 
 
 def _validate(
@@ -185,10 +187,12 @@ def _validate(
         total = costs_b.sum(-1, dtype=torch.float64)
         unit_min = vmin / float(cmax)
         unit_max = vmax / float(cmin)
+        cost_max = float(cmax)
     else:
         costs_b = None
         total = torch.full(batch, float(d), dtype=torch.float64, device=values.device)
         unit_min, unit_max = vmin, vmax
+        cost_max = 1.0
     b = _as_problem_tensor("budget", budget, batch, values)
     if not bool(torch.isfinite(b).all()):
         raise ValueError(f"budget must be finite, got {b.flatten()[:3].tolist()}")
@@ -200,7 +204,7 @@ def _validate(
             f"{total.flatten()[i].item():.6g} here), got {b.flatten()[i].item():.6g}; "
             f"a budget of 0 or of everything needs no mask"
         )
-    return _Checked(costs_b, b, total, unit_min, unit_max)
+    return _Checked(costs_b, b, total, unit_min, unit_max, cost_max)
 
 
 def _check_beta(beta: Budget, values: torch.Tensor) -> torch.Tensor:
@@ -256,6 +260,12 @@ class _Plan:
     tau_init: torch.Tensor | None = None
     tol: float = 1e-6
     max_iter: int = 100
+    # Guards against overflow and underflow (see _guard): the engine solves for v / scale with
+    # beta * scale (the same masks; a power of two, so exact), in float64 when float32 cannot
+    # hold beta * (u - tau) or resolve the threshold.
+    scale: float = 1.0
+    compute: torch.dtype | None = None
+    cost_max: float = 1.0
 
     def pieces(self, values: Sequence[torch.Tensor]) -> list[Piece]:
         out = []
@@ -263,7 +273,9 @@ class _Plan:
                                              self.fill, strict=True):
             if fill is not None:
                 continue
-            u = v.detach().to(_compute_dtype(v.dtype))
+            u = v.detach().to(self.compute or _compute_dtype(v.dtype))
+            if self.scale != 1.0:
+                u = u * (1.0 / self.scale)
             if isinstance(cost, torch.Tensor):
                 c = part.to_piece(cost.to(u.dtype))
                 units = part.to_piece(u) / c
@@ -334,6 +346,8 @@ class SoftTopK(torch.autograd.Function):
         dv = soft_backward(pieces, masks, g, plan.budgets.numel())
         out: list[torch.Tensor | None] = [None] * n
         for k, d in zip(solved, dv, strict=True):
+            if plan.scale != 1.0:  # the engine's scores are values / scale
+                d = d.mul_(1.0 / plan.scale)
             out[k] = plan.parts[k].from_piece(d).to(ctx.dtypes[k])
         return (None, *out)
 
@@ -361,6 +375,8 @@ def _batch_plan(values: torch.Tensor, budget: Budget, beta: Budget | Sequence[fl
     cost: float | torch.Tensor = 1.0 if checked.costs is None else checked.costs
     plan = _Plan([_Part(values.shape, kind, 0)], [beta_t.reshape(-1)], [cost],
                  checked.budget.reshape(-1), [None])
+    _guard(plan, float(checked.unit_max.max()), float(beta_t.min()), float(beta_t.max()),
+           checked.cost_max, values.dtype)
     return plan, checked
 
 
@@ -370,10 +386,14 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
     values = list(values)
     if not values:
         raise ValueError("values must be a tensor or a non-empty list of tensors, got []")
+    value_max = []
     for i, v in enumerate(values):
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"values[{i}] must be a torch.Tensor, got {type(v).__name__}")
-        _validate(v.reshape(1, -1), 1.0 if v.numel() > 1 else 0.5, None)
+        if v.numel() == 0:
+            raise ValueError(f"values[{i}] must not be empty, got shape {tuple(v.shape)}")
+        value_max.append(float(_validate(v.reshape(1, -1), 1.0 if v.numel() > 1 else 0.5,
+                                         None).unit_max.max()))
     devices = {v.device for v in values}
     if len(devices) > 1:
         raise ValueError(f"values must all be on one device, got {sorted(map(str, devices))}")
@@ -385,6 +405,7 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
     cost_list: list[float | torch.Tensor] = (
         [1.0] * n if costs is None else _per_tensor("costs", costs, n))
     unit_costs = []
+    cost_lo, cost_hi = [], []
     for i, (v, c) in enumerate(zip(values, cost_list, strict=True)):
         if isinstance(c, torch.Tensor):
             _check_float(f"costs[{i}]", c)
@@ -396,10 +417,14 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
             lo, hi = torch.aminmax(c.detach().double())
             _check_extremes(f"costs[{i}]", c, lo.reshape(1), hi.reshape(1), positive=True)
             unit_costs.append(float(c.double().mean()))
+            cost_lo.append(float(lo))
+            cost_hi.append(float(hi))
         else:
             if not (c > 0 and math.isfinite(c)):
                 raise ValueError(f"costs[{i}] must be a finite number > 0, got {c!r}")
             unit_costs.append(float(c))
+            cost_lo.append(float(c))
+            cost_hi.append(float(c))
     total = sum(u * v.numel() for u, v in zip(unit_costs, values, strict=True))
     b = _scalar("budget", budget)
     if not 0 < b < total:
@@ -437,8 +462,68 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
         raise ValueError(f"{policy!r}.allocate left some values without a budget")
     device = values[0].device
     plan_betas: list[float | torch.Tensor] = [float(x) for x in betas]
-    return _Plan([p for p in parts if p is not None], plan_betas, cost_list,
+    plan = _Plan([p for p in parts if p is not None], plan_betas, cost_list,
                  torch.tensor(budgets or [1.0], dtype=torch.float64, device=device), fill)
+    live = [i for i in range(n) if fill[i] is None] or list(range(n))
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else values[0].dtype
+    _guard(plan, max(value_max[i] / cost_lo[i] for i in live), min(betas[i] for i in live),
+           max(betas[i] for i in live), max(cost_hi[i] for i in live), dtype)
+    return plan
+
+
+# Unit values beyond these bounds are rescaled by a power of two before the solve; sharpnesses
+# times the unit values beyond FLOAT32_SHARPEST (or beta * scale below FLOAT32_FLATTEST) make
+# float32 unable to resolve the threshold (or to hold beta * (u - tau)), so float64 is used.
+_SCALE_RANGE = (2.0**-32, 2.0**32)
+FLOAT32_SHARPEST = 2.0**20
+FLOAT32_FLATTEST = 1e-30
+
+
+def _guard(plan: _Plan, unit_max: float, beta_min: float, beta_max: float, cost_max: float,
+           dtype: torch.dtype) -> None:
+    """Choose the plan's scale and compute dtype so that no intermediate overflows, underflows
+    or loses the threshold: unit values near float32's largest (1e38) or smallest, sharpnesses
+    below 1e-30, or ``beta * max(u)`` beyond float32's resolution of the threshold."""
+    plan.cost_max = cost_max
+    scale = 1.0
+    if unit_max > 0 and not (_SCALE_RANGE[0] <= unit_max <= _SCALE_RANGE[1]):
+        scale = 2.0 ** round(math.log2(unit_max))
+    if scale != 1.0:
+        plan.scale = scale
+        plan.betas = [b * scale for b in plan.betas]
+    if _compute_dtype(dtype) == torch.float32 and (
+            beta_min * scale < FLOAT32_FLATTEST or beta_max * max(unit_max, 1e-300) >
+            FLOAT32_SHARPEST):
+        plan.compute = torch.float64
+
+
+def _check_met(plan: _Plan, error: torch.Tensor, iterations: int, beta: Any) -> None:
+    """Raise when the solve missed a budget by more than one entry (an overflow, an underflow,
+    or a threshold beyond the compute precision); a solve cut short by ``max_iter`` is the
+    caller's choice and passes."""
+    budgets = plan.budgets.reshape(error.shape)
+    gap = error * budgets
+    bad = ~torch.isfinite(error)
+    if iterations < plan.max_iter:
+        bad |= gap > plan.cost_max * (1 + 1e-6) + plan.tol * budgets
+        worst = float(error.max()) if error.numel() else 0.0
+        if not bool(bad.any()) and worst > 10 * plan.tol:
+            warnings.warn(
+                f"soft_topk met the budget only to a relative error of {worst:.3g} (less than "
+                f"one entry): at beta={beta!r} the soft mask is a step narrower than the compute "
+                f"precision resolves around the threshold, so it is close to ts.hard_topk's; "
+                f"lower beta for a softer mask",
+                RuntimeWarning, stacklevel=3,
+            )
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"soft_topk could not meet the budget of problem {i} (relative error "
+            f"{float(error.flatten()[i]):.3g}): at beta={beta!r} the soft mask is a step narrower "
+            f"than {'float64' if plan.compute == torch.float64 else 'the values dtype'} resolves "
+            f"around the threshold, or beta * values over- or underflows. Lower beta (beta * "
+            f"max(values / costs) below about 1e12), rescale the values, or use ts.hard_topk"
+        )
 
 
 def _per_tensor(name: str, x: Any, n: int) -> list[Any]:
@@ -522,10 +607,18 @@ def soft_topk(
         The mask ``m`` in ``[0, 1]``, same shape and dtype as ``values`` (a list for a list), or
         a result object.
 
+    Extreme scales are guarded: unit values beyond ``2**+-32`` (e.g. float32 values near
+    ``1e38``) are solved as ``values / 2**k`` with ``beta * 2**k`` (the same mask, exactly), and
+    float32 problems whose ``beta`` cannot be held or whose threshold cannot be resolved in
+    float32 (``beta * max(values / costs) > 2**20``) are solved in float64. The budget is then
+    met to ``tol``; when even that precision cannot resolve the threshold, the mask is within one
+    entry of the budget (effectively the hard top-k) and a ``RuntimeWarning`` says so.
+
     Raises:
         TypeError: a non-floating ``values``, ``costs``, ``budget`` or ``beta``.
         ValueError: NaN/Inf or negative values, non-positive costs, a budget outside
-            ``(0, sum(costs))``, ``beta <= 0``, or shapes that do not broadcast.
+            ``(0, sum(costs))``, ``beta <= 0``, shapes that do not broadcast, or a budget
+            missed by more than one entry (the solve over- or underflowed).
 
     Example:
         >>> import torch, torchspartan as ts
@@ -550,7 +643,7 @@ def soft_topk(
     else:
         plan = _list_plan(values, budget, beta, costs, policy)
         inputs = list(values)
-        dtype = inputs[0].dtype
+        dtype = plan.compute or inputs[0].dtype
     plan.tol = _check_solver_options(tol, max_iter, dtype)
     plan.max_iter = max_iter
     if threshold_init is not None:
@@ -568,8 +661,11 @@ def soft_topk(
         if not bool(torch.isfinite(t0).all()):
             raise ValueError(f"threshold_init must be finite, got {t0.flatten()[:3].tolist()}; "
                              f"pass the threshold of a previous SoftTopKResult")
-        plan.tau_init = t0
+        plan.tau_init = t0 / plan.scale if plan.scale != 1.0 else t0
     *masks, tau, iterations, error = SoftTopK.apply(plan, *inputs)
+    _check_met(plan, error, int(iterations), beta)
+    if plan.scale != 1.0:
+        tau = tau * plan.scale
     if isinstance(values, torch.Tensor):
         mask: torch.Tensor | list[torch.Tensor] = masks[0]
         tau = tau.reshape(values.shape[:-1])

@@ -167,14 +167,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         acc5=metrics["acc5"],
         eval_loss=metrics["loss"],
         sparsity=report.overall_sparsity,
-        weight_sparsity=report.masked_sparsity,
+        weight_sparsity=report.weight_sparsity,
         final_model_digest=digest(unwrapped.state_dict()),
     )
     log(info, str(report))
     log(
         info,
         f"final: top-1 {metrics['acc1']:.3f} top-5 {metrics['acc5']:.3f}, sparsity "
-        f"{report.overall_sparsity:.4f} of all parameters ({report.masked_sparsity:.4f} "
+        f"{report.overall_sparsity:.4f} of all parameters ({report.weight_sparsity:.4f} "
         f"of the weights)",
     )
     if info.main:
