@@ -7,6 +7,7 @@ Used by ``reference/fashion_mnist.py`` and the ImageNet recipe (``reference/imag
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = [
     "NORM_TYPES",
     "POLICIES",
     "add_sparsity_options",
+    "build_policy",
+    "nm_sparsity_error",
     "param_groups",
     "parse_block",
     "spartan_optimizer",
@@ -30,12 +33,19 @@ __all__ = [
 METHODS: tuple[str, ...] = ("dense", "spartan", "topkast", "gmp")
 """``--method`` values: ``"dense"`` (no mask) or a ``ts.sparsify`` method."""
 
-POLICIES: dict[str, type[ts.AllocationPolicy]] = {
+POLICIES: dict[str, Callable[[], ts.AllocationPolicy]] = {
     "global": ts.Global,
     "uniform": ts.Uniform,
     "erk": ts.ERK,
+    "nm24": functools.partial(ts.NM, 2, 4),
+    "nm14": functools.partial(ts.NM, 1, 4),
 }
-"""``--policy`` values and the allocation policy each one builds."""
+"""``--policy`` values and a factory (called with no arguments) of the policy each one builds.
+
+``nm24``/``nm14`` are N:M patterns (``ts.NM(2, 4)``, ``ts.NM(1, 4)``): their sparsity is fixed
+by the pattern and counts the masked tensors (``--sparsity 0.5``/``0.75 --sparsity-of masked``,
+see :func:`nm_sparsity_error`), and every masked tensor's dim 1 must be a multiple of 4.
+"""
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -44,6 +54,38 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.instancenorm._InstanceNorm,
 )
 """Normalisation layers, whose parameters get no weight decay."""
+
+
+def build_policy(name: str) -> ts.AllocationPolicy:
+    """The policy of ``--policy name`` (a key of :data:`POLICIES`), a new object each call.
+
+    Raises:
+        ValueError: ``name`` is not a key of :data:`POLICIES`.
+    """
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {name!r}")
+    return POLICIES[name]()
+
+
+def nm_sparsity_error(policy: str, sparsity: float, sparsity_of: str) -> str | None:
+    """Why ``--sparsity``/``--sparsity-of`` do not fit an N:M ``--policy``; None if they fit.
+
+    An N:M pattern keeps ``n`` of every ``m`` weights of the masked tensors, so the only target
+    is ``sparsity = 1 - n/m`` counted over the masked tensors (``sparsity_of="masked"``). The
+    library refuses anything else when the optimizer is built (``ts.NM.check``); this says so
+    before any data is loaded, in terms of the flags. None for the other policies.
+    """
+    built = build_policy(policy)
+    if not isinstance(built, ts.NM):
+        return None
+    fixed = 1.0 - built.n / built.m
+    if sparsity_of == "masked" and math.isclose(sparsity, fixed, rel_tol=0.0, abs_tol=1e-9):
+        return None
+    return (
+        f"--policy {policy} ({built!r}) keeps {built.n} of every {built.m} weights of the masked "
+        f"tensors, a sparsity of {fixed:g} fixed by the pattern; got --sparsity {sparsity:g} "
+        f"--sparsity-of {sparsity_of}. Use --sparsity {fixed:g} --sparsity-of masked"
+    )
 
 
 def parse_block(text: str) -> list[int] | None:
@@ -101,7 +143,11 @@ def add_sparsity_options(
         help="count the sparsity over all parameters (paper) or over the masked weights only",
     )
     parser.add_argument(
-        "--policy", default=policy, choices=tuple(POLICIES), help="layer-wise allocation"
+        "--policy",
+        default=policy,
+        choices=tuple(POLICIES),
+        help="layer-wise allocation; nm24/nm14: 2:4 / 1:4 patterns along the input dim "
+        "(need --sparsity 0.5/0.75 --sparsity-of masked)",
     )
     parser.add_argument(
         "--block",
@@ -163,7 +209,7 @@ def spartan_optimizer(
         model,
         sparsity=options.sparsity,
         total_steps=total_steps,
-        policy=POLICIES[options.policy](),
+        policy=build_policy(options.policy),
         sparsity_of=options.sparsity_of,
         beta_target=options.beta_target,
         anneal_fraction=options.anneal_fraction,

@@ -2,8 +2,11 @@
 
 Variants: dense; gradual magnitude pruning (gmp), Top-KAST-style dual averaging (topkast) and
 Spartan, all with global allocation; Spartan with uniform and ERK allocation; Spartan with 4x4
-blocks. Each sparse variant runs at 90%, 95% and 98% sparsity, every run with the same model,
-data, epoch budget and seeds (3 by default); the table reports mean +- std over seeds.
+blocks; Spartan with a 2:4 (N:M) pattern. Each unstructured or block variant runs at 90%, 95% and
+98% sparsity of all parameters; a variant whose sparsity is fixed runs at that one only: dense at
+0%, 2:4 at 50% of its masked weights (the pattern's; the stem conv, whose single input channel
+makes no group of 4, stays dense). Every run has the same model, data, epoch budget and seeds (3
+by default); the table reports mean +- std over seeds.
 
 Each run is one ``python -m reference.fashion_mnist`` process (``--threads 1``), ``--jobs`` of them
 at a time, writing ``reference/results/runs/<name>.json``. Runs whose JSON exists are skipped, so
@@ -19,6 +22,7 @@ Usage::
 
     python -m reference.compare --jobs 2            # everything (about an hour on 2 cores)
     python -m reference.compare --methods spartan gmp --sparsities 0.95 --seeds 0
+    python -m reference.compare --methods spartan-2:4 --jobs 1   # its own sparsity, 3 seeds
     python -m reference.compare --report-only       # tables and plots from existing runs
 """
 
@@ -48,23 +52,33 @@ class Variant:
     """One method configuration of the comparison (a row of the table).
 
     Attributes:
-        name: short identifier used in file names and ``--methods``.
+        name: short identifier used in ``--methods`` (and, with ``:`` made ``-``, file names).
         label: human-readable label for tables and plots.
         flags: extra ``reference.fashion_mnist`` flags selecting the method.
+        sparsity: the variant's own target sparsity when the method fixes it (0 for dense, 0.5
+            for 2:4, counted as its flags say), run instead of the ``--sparsities`` grid; None
+            for variants that run at every sparsity of the grid.
     """
 
     name: str
     label: str
     flags: tuple[str, ...]
+    sparsity: float | None = None
 
     @property
     def dense(self) -> bool:
         """True for the dense baseline (run once per seed, at 0% sparsity)."""
         return "dense" in self.flags
 
+    @property
+    def file_stem(self) -> str:
+        """``name`` as it appears in run file names (``spartan-2-4`` for ``spartan-2:4``: no
+        ``:`` in committed paths, which Windows checkouts cannot hold)."""
+        return self.name.replace(":", "-")
+
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("dense", "dense", ("--method", "dense")),
+    Variant("dense", "dense", ("--method", "dense"), sparsity=0.0),
     Variant("gmp", "GMP (global)", ("--method", "gmp", "--policy", "global")),
     Variant("topkast", "Top-KAST / dual averaging (global)", ("--method", "topkast")),
     Variant("spartan", "Spartan (global)", ("--method", "spartan", "--policy", "global")),
@@ -75,6 +89,23 @@ VARIANTS: tuple[Variant, ...] = (
         "Spartan (global, 4x4 blocks; stem conv and fc unmasked)",
         # 4 divides neither the stem's single input channel nor the fc's 10 outputs
         ("--method", "spartan", "--block", "4x4", "--exclude", r"^stem\.", "--exclude", "^fc$"),
+    ),
+    Variant(
+        "spartan-2:4",
+        "Spartan (2:4, N:M; stem unmasked)",
+        # 2 of every 4 consecutive input weights: the sparsity is the pattern's, 50% of the
+        # masked weights; the stem conv has 1 input channel (no group of 4) and stays dense
+        (
+            "--method",
+            "spartan",
+            "--policy",
+            "nm24",
+            "--sparsity-of",
+            "masked",
+            "--exclude",
+            r"^stem\.",
+        ),
+        sparsity=0.5,
     ),
 )
 """The rows of the comparison, in table order."""
@@ -103,8 +134,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        """File stem of the run, e.g. ``spartan-s95-seed0``."""
-        return f"{self.variant.name}-s{round(self.sparsity * 100):02d}-seed{self.seed}"
+        """File stem of the run, e.g. ``spartan-s95-seed0``, ``spartan-2-4-s50-seed1``."""
+        return f"{self.variant.file_stem}-s{round(self.sparsity * 100):02d}-seed{self.seed}"
 
     def command(self, out: Path, settings: dict[str, Any]) -> list[str]:
         """The ``python -m reference.fashion_mnist`` command line of this run."""
@@ -122,7 +153,10 @@ def plan_runs(
     sparsities: Sequence[float] = SPARSITIES,
     seeds: Sequence[int] = SEEDS,
 ) -> list[Run]:
-    """All runs of the selected variants, sparsities and seeds (dense once per seed).
+    """All runs of the selected variants, sparsities and seeds.
+
+    A variant with a fixed :attr:`Variant.sparsity` (dense, 2:4) runs once per seed at that
+    sparsity, whatever ``sparsities`` holds; the others at every one of ``sparsities``.
 
     Raises:
         ValueError: if a method name is not one of :data:`VARIANTS`.
@@ -138,7 +172,7 @@ def plan_runs(
         Run(variant, sparsity, seed)
         for seed in seeds
         for variant in chosen
-        for sparsity in ([0.0] if variant.dense else sparsities)
+        for sparsity in (sparsities if variant.sparsity is None else [variant.sparsity])
     ]
 
 
@@ -173,14 +207,16 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def _variant_of(result: dict[str, Any]) -> str:
-    """``spartan-erk`` from a run named ``spartan-erk-s95-seed0`` (see :attr:`Run.name`)."""
+    """``spartan-erk`` from a run named ``spartan-erk-s95-seed0``, ``spartan-2:4`` from
+    ``spartan-2-4-s50-seed0`` (see :attr:`Run.name`); an unknown stem is returned as it is."""
     match = re.fullmatch(r"(.+)-s\d+-seed\d+", result["name"])
     if match is None:
         raise ValueError(
             f"run file {result['name']!r} does not follow <variant>-s<percent>-seed<seed>; "
             "remove it from the runs directory"
         )
-    return match.group(1)
+    stems = {v.file_stem: v.name for v in VARIANTS}
+    return stems.get(match.group(1), match.group(1))
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -195,7 +231,9 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         acc_mean, acc_std = _mean_std([r["test_accuracy"] for r in group])
         sp_mean, _ = _mean_std([r["achieved_sparsity"] for r in group])
+        masked = [r.get("achieved_sparsity_masked") for r in group]
         time_mean, _ = _mean_std([r["time_s"]["total"] for r in group])
+        exact = [r["nm_pattern_exact"] for r in group if "nm_pattern_exact" in r]
         rows.append(
             {
                 "variant": variant,
@@ -204,7 +242,13 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy_mean": acc_mean,
                 "accuracy_std": acc_std,
                 "achieved_sparsity_mean": sp_mean,
+                # over the masked tensors; None where a run did not record it (older runs)
+                "achieved_sparsity_masked_mean": (
+                    None if None in masked else _mean_std([float(m) for m in masked])[0]
+                ),
+                "sparsity_of": group[0]["config"]["sparsity_of"],
                 "time_s_mean": time_mean,
+                **({"nm_pattern_exact_all": all(exact)} if exact else {}),
             }
         )
     return rows
@@ -226,6 +270,9 @@ def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> s
         for k, t in machines.items()
     )
     flags = {k: v for k, v in settings.items() if v is not None and k != "data_dir"}
+    masked_of = sorted(
+        {_label(_variant_of(r)) for r in results if r["config"]["sparsity_of"] == "masked"}
+    )
     return (
         f"Model: SmallResNet widths {tuple(c['widths'])}, {c['blocks']} block(s) per stage, "
         f"{results[0]['params']} parameters. Training: {c['epochs']} epochs on a random subset "
@@ -235,7 +282,13 @@ def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> s
         f"conv/linear weights, random flips. Test: the full {results[0]['test_images']}-image "
         "test set, after `ts.finalize`. Sparse runs use `ts.DualAveraging` defaults (density "
         "1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen in the last 20%); "
-        "sparsity counts all parameters (BatchNorm included). "
+        "sparsity counts all parameters (BatchNorm included)"
+        + (
+            f", except for {', '.join(masked_of)}, whose target counts the masked weights only"
+            if masked_of
+            else ""
+        )
+        + ". "
         f"Each run is one process with {results[0]['environment']['threads']} thread(s): "
         f"{where}. Shared flags: {flags}."
     )
@@ -244,19 +297,42 @@ def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> s
 def write_markdown(
     rows: list[dict[str, Any]], results: list[dict[str, Any]], settings: dict[str, Any], path: Path
 ) -> None:
-    """The settings paragraph and the accuracy table (methods x sparsities) as markdown."""
+    """The settings paragraph and the accuracy table (methods x sparsities) as markdown.
+
+    Columns: every target sparsity of a sparse row. A fixed-sparsity variant (2:4) fills only
+    its own column ("-" elsewhere, as grid variants do in its column), and a column whose rows
+    all count the masked weights says so in its header; the dense row repeats in every column.
+    """
     sparsities = sorted({r["target_sparsity"] for r in rows if r["target_sparsity"] > 0})
     by_key = {(r["variant"], r["target_sparsity"]): r for r in rows}
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fixed = {v.name: v.sparsity for v in VARIANTS if v.sparsity is not None}
+    grid = {r["target_sparsity"] for r in rows if r["variant"] not in fixed}
+
+    def header(s: float) -> str:
+        of = {r["sparsity_of"] for r in rows if r["target_sparsity"] == s}
+        return f"{s:.0%} of masked weights" if of == {"masked"} else f"{s:.0%} sparse"
+
+    def cell_text(r: dict[str, Any]) -> str:
+        where = f"{100 * r['achieved_sparsity_mean']:.1f}%"
+        if r["sparsity_of"] == "masked" and r["achieved_sparsity_masked_mean"] is not None:
+            where += f" of all; {100 * r['achieved_sparsity_masked_mean']:.1f}% of masked"
+        return (
+            f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} [{where}] "
+            f"(n={len(r['seeds'])})"
+        )
+
     lines = [
         "# Fashion-MNIST: sparse training methods compared",
         "",
         "Generated by `python -m reference.compare`. Test accuracy (%), mean +- std over seeds "
-        "(n = number of seeds); achieved sparsity of all parameters in brackets.",
+        "(n = number of seeds); achieved sparsity of all parameters in brackets (and of the "
+        "masked weights, for a target that counts those). A variant whose method fixes its "
+        "sparsity runs at that one only (-: not part of its plan).",
         "",
         _settings_text(results, settings),
         "",
-        "| method | " + " | ".join(f"{s:.0%} sparse" for s in sparsities) + " |",
+        "| method | " + " | ".join(header(s) for s in sparsities) + " |",
         "|---|" + "---|" * len(sparsities),
     ]
     for variant in variants:
@@ -271,15 +347,11 @@ def write_markdown(
         cells = []
         for s in sparsities:
             r = by_key.get((variant, s))
-            cells.append(
-                "not run"
-                if r is None
-                else f"{100 * r['accuracy_mean']:.2f} +- {100 * r['accuracy_std']:.2f} "
-                f"[{100 * r['achieved_sparsity_mean']:.1f}%] (n={len(r['seeds'])})"
-            )
+            planned = fixed[variant] == s if variant in fixed else s in grid
+            cells.append(cell_text(r) if r is not None else ("not run" if planned else "-"))
         lines.append(f"| {_label(variant)} | " + " | ".join(cells) + " |")
     times = [r["time_s"]["total"] for r in results]
-    lines += ["", *_collapse_notes(results)]
+    lines += ["", *_collapse_notes(results), *_pattern_notes(rows)]
     notes = path.with_name(path.stem + "_notes.md")  # hand-written provenance and analysis
     if notes.is_file():
         lines += ["", notes.read_text().strip()]
@@ -322,6 +394,20 @@ def _collapse_notes(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _pattern_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per N:M row: whether every run's finalized masked tensors kept the pattern."""
+    lines = []
+    for r in rows:
+        if "nm_pattern_exact_all" in r:
+            verdict = "held" if r["nm_pattern_exact_all"] else "did NOT hold"
+            lines.append(
+                f"{_label(r['variant'])}: the N:M pattern (at most n nonzeros in every group of m "
+                f"consecutive input weights of every masked tensor, checked after `ts.finalize`) "
+                f"{verdict} in all {len(r['seeds'])} runs."
+            )
+    return ["", *lines] if lines else []
+
+
 def mask_change_curves(
     results: list[dict[str, Any]], sparsity: float = 0.95
 ) -> dict[str, list[float]]:
@@ -337,36 +423,55 @@ def mask_change_curves(
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy vs sparsity per variant, error bars = std over seeds; dense as a band."""
+    """Accuracy vs sparsity of all parameters per variant, error bars = std over seeds; dense
+    as a band. Fixed-sparsity variants (2:4) sit in a narrow panel of their own on the left, at
+    their achieved sparsity, so that the 90-98% grid keeps its resolution."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fixed = {v.name for v in VARIANTS if v.sparsity is not None and not v.dense}
+    side = [r for r in rows if r["variant"] in fixed]
+    if side:
+        fig, (ax_side, ax) = plt.subplots(
+            1, 2, figsize=(11, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 4]}
+        )
+        axes = [ax_side, ax]
+    else:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        axes = [ax]
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for variant in dict.fromkeys(r["variant"] for r in rows):
         pts = [r for r in rows if r["variant"] == variant]
         if pts[0]["target_sparsity"] == 0.0:
             m, s = 100 * pts[0]["accuracy_mean"], 100 * pts[0]["accuracy_std"]
-            ax.axhline(m, color="black", linestyle="--", linewidth=1, label=f"dense ({m:.2f}%)")
-            ax.axhspan(m - s, m + s, color="black", alpha=0.08)
+            for a in axes:
+                a.axhline(m, color="black", linestyle="--", linewidth=1, label=f"dense ({m:.2f}%)")
+                a.axhspan(m - s, m + s, color="black", alpha=0.08)
             continue
-        xs = [100 * r["target_sparsity"] for r in pts]
-        ax.errorbar(
-            xs,
+        target = axes[0] if variant in fixed else ax
+        label = _label(variant)
+        if variant in fixed:
+            label += f" [{100 * pts[0]['achieved_sparsity_mean']:.1f}% of all params]"
+        target.errorbar(
+            # the achieved sparsity of all parameters: the grid's targets (to 0.01%), and for a
+            # target counted over the masked weights the honest position on this axis
+            [100 * r["achieved_sparsity_mean"] for r in pts],
             [100 * r["accuracy_mean"] for r in pts],
             yerr=[100 * r["accuracy_std"] for r in pts],
-            marker="o",
+            marker="s" if variant in fixed else "o",
             capsize=3,
-            label=_label(variant),
+            color=next(colors),
+            label=label,
         )
     floor = 60.0  # keep the interesting range readable; points below are marked at the floor
     stacked: dict[float, int] = {}
     for r in rows:
-        x = 100 * r["target_sparsity"]
+        x = 100 * r["achieved_sparsity_mean"]
         if r["target_sparsity"] > 0 and 100 * r["accuracy_mean"] < floor:
             k = stacked[x] = stacked.get(x, -1) + 1
-            ax.annotate(
+            (axes[0] if r["variant"] in fixed else ax).annotate(
                 f"{r['variant']}: {100 * r['accuracy_mean']:.1f}%",
                 xy=(x, floor),
                 xytext=(x - 2.5, floor + 2 + 3 * k),
@@ -374,12 +479,28 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
                 arrowprops={"arrowstyle": "->", "linewidth": 0.6},
             )
     ax.set_ylim(bottom=floor)
-    ax.set_xlabel("sparsity (% of all parameters)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST, SmallResNet: accuracy vs sparsity (mean +- std over seeds)")
-    ax.title.set_fontsize(10)
+    title = "Fashion-MNIST, SmallResNet: accuracy vs sparsity (mean +- std over seeds)"
+    if side:
+        xs = [100 * r["achieved_sparsity_mean"] for r in side]
+        ax_side.set_xlim(min(xs) - 3, max(xs) + 3)
+        ax_side.set_title("fixed pattern", fontsize=9)
+        ax_side.set_ylabel("test accuracy (%)")
+        ax_side.grid(alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        fig.supxlabel("sparsity (% of all parameters)", fontsize=10)
+        handles, labels = [], []
+        for a in axes:  # one legend: both panels' entries, dense once
+            for h, lab in zip(*a.get_legend_handles_labels(), strict=True):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.set_xlabel("sparsity (% of all parameters)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

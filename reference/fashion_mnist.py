@@ -13,6 +13,16 @@ first 20% of steps, beta 1 -> 10, mask frozen for the last 20% (fine-tuning).
 
 ``--out results.json`` saves the configuration, the final metrics, the per-layer table and the
 per-step records (density, beta, mask-change fraction) for ``reference/compare.py``'s plots.
+
+N:M patterns (``--policy nm24`` for 2:4, ``nm14`` for 1:4) group along the input channels, so
+the stem conv (one input channel) must be left dense and the sparsity is the pattern's, counted
+over the masked weights::
+
+    python -m reference.fashion_mnist --policy nm24 --sparsity 0.5 --sparsity-of masked \\
+        --exclude '^stem\\.'
+
+The JSON of an N:M run records ``nm_pattern_exact``: whether every group of ``m`` consecutive
+input weights of every masked tensor has at most ``n`` nonzeros after ``ts.finalize``.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +52,8 @@ from reference.common import (
     METHODS,
     POLICIES,
     add_sparsity_options,
+    build_policy,
+    nm_sparsity_error,
     param_groups,
     spartan_optimizer,
     warmup_cosine,
@@ -53,10 +66,24 @@ from reference.data import (
 )
 from reference.models import SmallResNet
 
-__all__ = ["RunConfig", "build_parser", "config_from_args", "evaluate", "main", "train"]
+__all__ = [
+    "RunConfig",
+    "SetupError",
+    "build_parser",
+    "config_from_args",
+    "evaluate",
+    "main",
+    "nm_pattern_exact",
+    "train",
+]
 
 MethodName = Literal["dense", "spartan", "topkast", "gmp"]
-PolicyName = Literal["global", "uniform", "erk"]
+PolicyName = Literal["global", "uniform", "erk", "nm24", "nm14"]
+
+
+class SetupError(ValueError):
+    """The library refused the model/optimizer setup of the flags (before any training step),
+    e.g. an N:M policy on a tensor whose input dimension is not a multiple of ``m``."""
 
 
 @dataclass
@@ -66,7 +93,9 @@ class RunConfig:
     Attributes:
         method: ``"dense"`` (no mask) or a ``ts.sparsify`` method.
         sparsity: target fraction of zero weights over the whole model, in ``[0, 1)``.
-        policy: allocation of the budget over layers (``ts.Global``, ``ts.Uniform``, ``ts.ERK``).
+        policy: allocation of the budget over layers (``ts.Global``, ``ts.Uniform``, ``ts.ERK``),
+            or an N:M pattern (``"nm24"``: ``ts.NM(2, 4)``, ``"nm14"``: ``ts.NM(1, 4)``), which
+            fixes the sparsity (``1 - n/m`` of the masked weights, ``sparsity_of="masked"``).
         block: block shape on the first two weight dims, e.g. ``(4, 4)``; None for unstructured.
         exclude: regexes on qualified module names left dense (e.g. ``"^stem"``).
         sparsity_of: ``"model"`` counts the sparsity over all parameters (BatchNorm included; the
@@ -133,6 +162,10 @@ class RunConfig:
             )
         if self.method != "dense" and self.sparsity == 0.0:
             raise ValueError(f"method {self.method!r} needs sparsity > 0; use --method dense")
+        if self.method != "dense":
+            problem = nm_sparsity_error(self.policy, self.sparsity, self.sparsity_of)
+            if problem is not None:
+                raise ValueError(problem)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(
                 f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}"
@@ -182,6 +215,65 @@ def _count_zeros(model: nn.Module) -> dict[str, float]:
     }
 
 
+def nm_pattern_exact(model: nn.Module, names: Sequence[str], n: int, m: int) -> bool:
+    """True if every group of ``m`` consecutive entries along dim 1 (the input dimension) of
+    every tensor ``names`` of ``model`` has at most ``n`` nonzeros (read from the tensors as they
+    are, e.g. after ``ts.finalize``).
+
+    Raises:
+        ValueError: a tensor has fewer than 2 dims or a dim 1 that ``m`` does not divide.
+    """
+    for name in names:
+        weight = model.get_parameter(name).detach()
+        if weight.dim() < 2 or weight.shape[1] % m:
+            raise ValueError(
+                f"{name} of shape {tuple(weight.shape)} has no groups of {m} along dim 1"
+            )
+        groups = (weight.movedim(1, -1) != 0).reshape(-1, m)
+        if int(groups.sum(-1).max()) > n:
+            return False
+    return True
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit the code ran from and whether ``torchspartan/`` or ``reference/`` differed
+    from it (uncommitted edits); None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "torchspartan", "reference"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "uncommitted": sorted(line[3:] for line in dirty if line.strip())}
+
+
 def _load_data(config: RunConfig) -> tuple[TensorDataset, TensorDataset, str]:
     if config.dataset == "digits":
         train, test = load_digits_datasets(seed=config.seed)
@@ -213,6 +305,7 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     config.validate()
+    load_avg_start = _load_average()
     torch.set_flush_denormal(True)  # denormals make masked training 10-25x slower on CPU
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -239,23 +332,29 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         )
 
     masked_names: list[str] = []
-    if config.method != "dense":
-        import torchspartan as ts
+    try:
+        if config.method != "dense":
+            import torchspartan as ts
 
-        masked_names = ts.sparsify(
-            model,
-            include=(nn.Conv2d, nn.Linear),
-            exclude=config.exclude,
-            method=config.method,
-            block=config.block,
+            masked_names = ts.sparsify(
+                model,
+                include=(nn.Conv2d, nn.Linear),
+                exclude=config.exclude,
+                method=config.method,
+                block=config.block,
+            )
+        sgd = torch.optim.SGD(
+            param_groups(model, config.weight_decay),
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
         )
-    sgd = torch.optim.SGD(
-        param_groups(model, config.weight_decay),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.momentum > 0,
-    )
-    optimizer: Any = spartan_optimizer(sgd, model, config, total_steps)
+        optimizer: Any = spartan_optimizer(sgd, model, config, total_steps)
+    except ValueError as exc:  # the library refusing these flags: say so as a usage error
+        hint = ""
+        if isinstance(build_policy(config.policy), ts.NM) and "exclude" in str(exc):
+            hint = " (e.g. --exclude '^stem\\.' for the stem conv's single input channel)"
+        raise SetupError(f"{exc}{hint}") from exc
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, make_lr_lambda(total_steps, config.warmup))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
@@ -304,11 +403,19 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
     train_s = time.perf_counter() - train_start
 
-    report_text, overall = "", 0.0
+    report_text, overall, masked_sparsity = "", 0.0, None
+    pattern: dict[str, Any] = {}
     if config.method != "dense":
         ts.finalize(model)
         report = ts.sparsity_report(model)
         report_text, overall = str(report), float(report.overall_sparsity)
+        masked_sparsity = float(report.masked_sparsity)
+        policy = build_policy(config.policy)
+        if isinstance(policy, ts.NM):
+            pattern = {
+                "nm_pattern": [policy.n, policy.m],
+                "nm_pattern_exact": nm_pattern_exact(model, masked_names, policy.n, policy.m),
+            }
     eval_start = time.perf_counter()
     metrics = evaluate(model, test_data, config.eval_batch_size)
     eval_s = time.perf_counter() - eval_start
@@ -318,6 +425,8 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "test_accuracy": metrics["accuracy"],
         "test_loss": metrics["loss"],
         "achieved_sparsity": overall if config.method != "dense" else counts["sparsity_all_params"],
+        "achieved_sparsity_masked": masked_sparsity,
+        **pattern,
         **counts,
         "masked_layers": masked_names,
         "sparsity_report": report_text,
@@ -337,7 +446,11 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(),
+            "load_average_start": load_avg_start,
+            "load_average_end": _load_average(),
+            "git": _git_state(),
         },
     }
 
@@ -457,7 +570,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    result = train(config, progress=not args.no_progress)
+    try:
+        result = train(config, progress=not args.no_progress)
+    except SetupError as exc:
+        parser.error(str(exc))
     c = result["config"]
     print(
         f"\n{c['method']} ({c['policy']}"
@@ -474,7 +590,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"achieved sparsity: {result['achieved_sparsity']:.2%} of all {result['params']} "
         f"parameters ({result['nonzero_params']} nonzero); conv/linear weights: "
         f"{result['sparsity_conv_linear_weights']:.2%}"
+        + (
+            f"; masked weights: {result['achieved_sparsity_masked']:.2%}"
+            if result["achieved_sparsity_masked"] is not None
+            else ""
+        )
     )
+    if "nm_pattern_exact" in result:
+        n, m = result["nm_pattern"]
+        print(f"{n}:{m} pattern exact in every masked tensor: {result['nm_pattern_exact']}")
     t = result["time_s"]
     print(
         f"time: {t['total']:.0f} s (train {t['train']:.0f} s, eval {t['eval']:.1f} s) on "

@@ -11,6 +11,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -347,7 +348,8 @@ def test_compare_plans_and_resumes(tmp_path: Path) -> None:
     from reference.compare import VARIANTS, plan_runs
 
     runs = plan_runs()
-    assert len(runs) == 3 + (len(VARIANTS) - 1) * 3 * 3  # dense once per seed
+    # dense and 2:4 (fixed sparsities) once per seed, the others at 3 sparsities x 3 seeds
+    assert len(runs) == sum(3 if v.sparsity is not None else 9 for v in VARIANTS)
     assert len({r.name for r in runs}) == len(runs)
     subset_runs = plan_runs(["spartan", "gmp"], [0.95], [0])
     assert [r.name for r in subset_runs] == ["spartan-s95-seed0", "gmp-s95-seed0"]
@@ -355,3 +357,128 @@ def test_compare_plans_and_resumes(tmp_path: Path) -> None:
     assert cmd[cmd.index("--sparsity") + 1] == "0.95" and "--train-subset" not in cmd
     with pytest.raises(ValueError, match="unknown method 'sparta'"):
         plan_runs(["sparta"])
+
+
+# --- N:M (2:4) in the reference scripts (no training) ------------------------------------------
+
+
+def test_policy_choices_build_fresh_policies() -> None:
+    import torchspartan as ts
+    from reference.common import POLICIES, build_policy, nm_sparsity_error
+
+    assert {"global", "uniform", "erk", "nm24", "nm14"} <= set(POLICIES)
+    nm24, nm14 = build_policy("nm24"), build_policy("nm14")
+    assert isinstance(nm24, ts.NM) and (nm24.n, nm24.m) == (2, 4)
+    assert isinstance(nm14, ts.NM) and (nm14.n, nm14.m) == (1, 4)
+    assert build_policy("nm24") is not nm24  # a factory: a new policy object per call
+    assert isinstance(build_policy("erk"), ts.ERK)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        build_policy("nm")
+    assert nm_sparsity_error("nm24", 0.5, "masked") is None
+    assert nm_sparsity_error("nm14", 0.75, "masked") is None
+    assert nm_sparsity_error("global", 0.95, "model") is None
+    message = nm_sparsity_error("nm24", 0.95, "model")
+    assert message is not None and "--sparsity 0.5 --sparsity-of masked" in message
+    assert "--sparsity 0.5 --sparsity-of masked" in (nm_sparsity_error("nm24", 0.5, "model") or "")
+
+
+def test_training_script_refuses_nm_mismatch(capsys: pytest.CaptureFixture[str]) -> None:
+    """A sparsity that is not the pattern's, or a tensor without groups of 4 (the stem conv's
+    single input channel), ends as a usage error that names the fix, before any training."""
+    pytest.importorskip("sklearn")
+    from reference.fashion_mnist import main
+
+    with pytest.raises(SystemExit):
+        main(["--dataset", "digits", "--policy", "nm24", "--sparsity", "0.9"])
+    err = capsys.readouterr().err
+    assert "keeps 2 of every 4" in err and "--sparsity 0.5 --sparsity-of masked" in err
+    argv = ["--dataset", "digits", "--policy", "nm24", "--sparsity", "0.5"]
+    argv += ["--sparsity-of", "masked", "--widths", "8,16,32", "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(argv)  # the library's refusal (stem.0.weight: dim 1 is 1), passed on
+    err = capsys.readouterr().err
+    assert "stem.0.weight" in err and "multiple of 4" in err and "--exclude" in err
+
+
+def test_nm_pattern_exact_reads_groups_along_dim_1() -> None:
+    from torch import nn
+
+    from reference.fashion_mnist import nm_pattern_exact
+
+    model = nn.Sequential(nn.Conv2d(8, 3, 2, bias=False), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        conv = torch.zeros(3, 8, 2, 2)
+        conv[:, [0, 3, 5, 6]] = 1.0  # 2 nonzeros in each group of 4 input channels
+        model[0].weight.copy_(conv)
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0]]))
+    names = ["0.weight", "1.weight"]
+    assert nm_pattern_exact(model, names, 2, 4)
+    assert not nm_pattern_exact(model, names, 1, 4)
+    with torch.no_grad():
+        model[0].weight[1, 1, 0, 1] = 0.5  # a third nonzero in one group of channels 0-3
+    assert not nm_pattern_exact(model, names, 2, 4)
+    assert nm_pattern_exact(model, ["1.weight"], 2, 4)
+    with pytest.raises(ValueError, match="no groups of 3"):
+        nm_pattern_exact(model, ["1.weight"], 1, 3)
+
+
+def test_compare_runs_2_4_at_its_own_sparsity(tmp_path: Path) -> None:
+    from reference.compare import VARIANTS, plan_runs
+
+    (variant,) = [v for v in VARIANTS if v.name == "spartan-2:4"]
+    runs = plan_runs(["spartan-2:4", "spartan"], [0.9, 0.95], [0, 1, 2])
+    assert [r.name for r in runs if r.variant is variant] == [
+        f"spartan-2-4-s50-seed{seed}" for seed in (0, 1, 2)
+    ]  # once per seed at 0.5, whatever the grid; no ':' in file names
+    assert len(runs) == 3 * (1 + 2)
+    cmd = runs[0].command(tmp_path / "x.json", {"epochs": 3})
+    flags = " ".join(cmd)
+    assert "--policy nm24" in flags and "--sparsity-of masked" in flags
+    assert cmd[cmd.index("--sparsity") + 1] == "0.5"
+    assert cmd[cmd.index("--exclude") + 1] == r"^stem\."
+
+
+def _fake_run(name: str, sparsity: float, accuracy: float, **config: Any) -> dict[str, Any]:
+    seed = int(name.rsplit("seed", 1)[1])
+    base = {"sparsity": sparsity, "seed": seed, "sparsity_of": "model", "widths": [8, 16, 32]}
+    base.update(blocks=1, epochs=1, batch_size=64, momentum=0.9, lr=0.1, warmup=0.03)
+    base.update(weight_decay=5e-4, **config)
+    return {
+        "name": name,
+        "config": base,
+        "test_accuracy": accuracy,
+        "achieved_sparsity": sparsity if base["sparsity_of"] == "model" else 0.49,
+        "achieved_sparsity_masked": 0.5 if base["sparsity_of"] == "masked" else None,
+        "params": 1000,
+        "train_images": 100,
+        "test_images": 50,
+        "time_s": {"total": 10.0},
+        "environment": {"cpu_count": 2, "torch": "x", "threads": 1},
+        "steps": {"mask_change": []},
+        **({"nm_pattern": [2, 4], "nm_pattern_exact": True} if sparsity == 0.5 else {}),
+    }
+
+
+def test_compare_table_shows_2_4_at_its_sparsity(tmp_path: Path) -> None:
+    from reference.compare import aggregate, write_markdown
+
+    results = [
+        _fake_run("dense-s00-seed0", 0.0, 0.88),
+        _fake_run("spartan-s90-seed0", 0.9, 0.86),
+        _fake_run("spartan-2-4-s50-seed0", 0.5, 0.87, sparsity_of="masked"),
+        _fake_run("spartan-2-4-s50-seed1", 0.5, 0.85, sparsity_of="masked"),
+    ]
+    rows = aggregate(results)
+    nm = [r for r in rows if r["variant"] == "spartan-2:4"]
+    assert len(nm) == 1 and nm[0]["seeds"] == [0, 1] and nm[0]["nm_pattern_exact_all"]
+    assert nm[0]["achieved_sparsity_masked_mean"] == 0.5
+    write_markdown(rows, results, {}, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "| method | 50% of masked weights | 90% sparse |" in text
+    assert (
+        "| Spartan (2:4, N:M; stem unmasked) | 86.00 +- 1.41 [49.0% of all; 50.0% of masked] "
+        "(n=2) | - |" in text
+    )
+    assert "| Spartan (global) | - | 86.00 +- 0.00 [90.0%] (n=1) |" in text
+    assert "| dense (0% sparse) | 88.00 +- 0.00 (n=1) | 88.00 +- 0.00 (n=1) |" in text
+    assert "N:M pattern" in text and "held in all 2 runs" in text
