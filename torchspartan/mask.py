@@ -87,7 +87,7 @@ class SpartanMask(nn.Module):
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
         for name, value in (("min_density", min_density), ("max_density", max_density)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
                 raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
         if not (0.0 <= min_density <= max_density <= 1.0):
             raise ValueError(
@@ -369,7 +369,7 @@ def _check_block(block: Any) -> tuple[int, ...]:
     if isinstance(block, (numbers.Integral, torch.Tensor)) or not isinstance(block, Sequence):
         raise TypeError(f"block must be a tuple of sizes, one per leading dim (e.g. block=(16, "
                         f"16)), got {block!r}")
-    ok = all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in block)
+    ok = all(isinstance(b, (int, numbers.Integral)) and not isinstance(b, bool) for b in block)
     if not ok or len(block) == 0 or any(b < 1 for b in block):
         raise ValueError(f"block must be a tuple of positive integer sizes, got {block!r}")
     return tuple(int(b) for b in block)

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from torchspartan.policies import AllocationPolicy
 from torchspartan.schedules import Schedule, linear
@@ -37,7 +36,7 @@ _STATE_VERSION = 2
 
 def _is_number(value: Any) -> bool:
     """A real number: Python or numpy (``np.float32(0.9)``), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, (int, float, numbers.Real)) and not isinstance(value, bool)
 
 
 def _check_fraction(name: str, value: float, *, closed_right: bool = False) -> float:
@@ -152,8 +151,8 @@ class DualAveraging(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         sparsity = _check_fraction("sparsity", sparsity)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or (
-                total_steps < 1):
+        if isinstance(total_steps, bool) or not isinstance(
+                total_steps, (int, numbers.Integral)) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         total_steps = int(total_steps)
         anneal_fraction = _check_fraction("anneal_fraction", anneal_fraction, closed_right=True)
@@ -422,7 +421,7 @@ class DualAveraging(torch.optim.Optimizer):
         version = spartan.get("version")
         if version == 1:
             try:
-                spartan = _from_version_1(spartan)
+                spartan = _from_version_1(dict(spartan))
             except (KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"malformed version-1 'spartan' entry (missing {e})") from None
         elif version != _STATE_VERSION:
@@ -434,7 +433,7 @@ class DualAveraging(torch.optim.Optimizer):
         if missing:
             raise ValueError(f"malformed 'spartan' entry: missing {sorted(missing)}")
         step = spartan["step"]
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, (int, numbers.Integral)) or step < 0:
             raise ValueError(f"malformed 'spartan' entry: step must be an integer >= 0, got "
                              f"{step!r}")
         record = check_record(spartan["last_record"])

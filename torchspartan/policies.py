@@ -228,8 +228,9 @@ class ERK(AllocationPolicy):
 
     def __init__(self, power: float = 1.0, *, costs: CostModel | None = None) -> None:
         super().__init__(costs)
-        if isinstance(power, bool) or not (isinstance(power, numbers.Real) and power >= 0
-                                            and math.isfinite(power)):
+        if isinstance(power, bool) or not (
+                isinstance(power, (int, float, numbers.Real)) and power >= 0
+                and math.isfinite(power)):
             raise ValueError(f"ERK power must be finite and >= 0, got {power!r}")
         self.power = float(power)
 
@@ -264,7 +265,7 @@ class NM(AllocationPolicy):
 
     def __init__(self, n: int, m: int) -> None:
         super().__init__()
-        ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (n, m))
+        ok = all(isinstance(x, (int, numbers.Integral)) and not isinstance(x, bool) for x in (n, m))
         if not (ok and 1 <= n < m):
             raise ValueError(f"NM(n, m) needs integers 1 <= n < m (e.g. NM(2, 4)), got {n!r}, "
                              f"{m!r}")
@@ -322,11 +323,11 @@ def normalise_costs(raw: Sequence[float], sizes: Sequence[int],
     if len(raw) != len(sizes):
         raise ValueError(f"the cost model gave {len(raw)} costs for {len(sizes)} masked tensors; "
                          f"unit_costs must return one number per masked tensor; {fix}")
-    costs = []
+    costs: list[float] = []
     for name, c in zip(names, raw, strict=True):
         if isinstance(c, torch.Tensor) and c.numel() == 1:
             c = c.item()
-        if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        if isinstance(c, bool) or not isinstance(c, (int, float, numbers.Real)):
             raise TypeError(f"the cost model gave {c!r} for {name}: costs must be numbers; {fix}")
         if not (math.isfinite(c) and c > 0):
             raise ValueError(

@@ -17,7 +17,8 @@ Schedule = Callable[[int], float]
 
 
 def _check_steps(begin: int, end: int) -> tuple[int, int]:
-    ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (begin, end))
+    ok = all(isinstance(x, (int, numbers.Integral)) and not isinstance(x, bool)
+             for x in (begin, end))
     if not ok or begin < 0 or end < begin:
         raise ValueError(
             f"a schedule needs integer steps 0 <= begin <= end, got begin={begin!r}, end={end!r}"
@@ -27,7 +28,8 @@ def _check_steps(begin: int, end: int) -> tuple[int, int]:
 
 def _check_value(name: str, value: float) -> float:
     """``value`` as a float: any real number (numpy scalars included), finite."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)) or (
+            not math.isfinite(value)):
         raise ValueError(f"a schedule's {name} must be a finite number, got {value!r}")
     return float(value)
 

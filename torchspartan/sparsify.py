@@ -220,7 +220,7 @@ def _places_of(model: nn.Module, params: Iterable[torch.Tensor]
 
 
 # -- the result -----------------------------------------------------------------------------
-class SparsifyResult(list):  # type: ignore[type-arg]
+class SparsifyResult(list[str]):
     """What :func:`sparsify` returns: the list of the masked tensors' qualified names (as in
     earlier releases), plus what the masks cover.
 
@@ -364,9 +364,11 @@ def sparsify(
             raise ValueError(f"{qual}: {e}") from None
         plan.append((where[0][0], mask, where))  # named after its first place, as find_masks
 
+    position = {id(m): k for k, (_, m) in enumerate(model.named_modules())}
+    plan.sort(key=lambda item: position[id(item[2][0][1])])  # find_masks' order
     done: list[tuple[nn.Module, str]] = []
     try:
-        for qual, mask, where in plan:
+        for qual, mask, where in plan:  # noqa: B007 (qual names the failure below)
             for _, mod, tn in where:
                 parametrize.register_parametrization(mod, tn, mask)
                 done.append((mod, tn))
@@ -416,7 +418,7 @@ def allow_pickle(module: nn.Module) -> None:
 
 def _reduce_parametrized(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
     base = type(self).__bases__[0]
-    names = tuple(self.parametrizations.keys())  # type: ignore[union-attr]
+    names = tuple(self.parametrizations.keys())  # type: ignore[union-attr,operator]
     return (_rebuild_parametrized, (base, names), self.__dict__)
 
 

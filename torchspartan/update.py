@@ -16,13 +16,14 @@ import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from torchspartan.allocation import AllocationSolver
 from torchspartan.coupling import Coupling
+from torchspartan.mask import SpartanMask
 from torchspartan.policies import (
     Allocation,
     AllocationPolicy,
@@ -278,8 +279,8 @@ class MaskUpdater:
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
-            for c in self.couplings + self.solver.take_couplings():
-                c.release()
+            for made in self.couplings + self.solver.take_couplings():
+                made.release()
             self.couplings = []
             self.solver.hints = hints
             for i, r in enumerate(self.refs):
@@ -306,7 +307,8 @@ class MaskUpdater:
     def _bind(self, couplings: list[Coupling]) -> None:
         """Bind ``couplings`` (made for the masks' current state) to their masks again."""
         for c in couplings:
-            for m in c.masks:
+            for bound in c.masks:
+                m = cast(SpartanMask, bound)
                 m.update(m.hard_mask, threshold=m.threshold, beta=float(m.beta),
                          scope="shared", coupling=c)
             self.couplings.append(c)
@@ -323,9 +325,10 @@ class MaskUpdater:
                 raise TypeError(f"{self.policy!r}.allocate must return ts.Allocation objects, "
                                 f"got {type(a).__name__}")
             ok = isinstance(a.tensors, (list, tuple)) and all(
-                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in a.tensors)
+                isinstance(i, (int, numbers.Integral)) and not isinstance(i, bool)
+                for i in a.tensors)
             bad = not ok or any(not (0 <= i < n) or i in seen for i in a.tensors)
-            dens_ok = isinstance(a.density, numbers.Real) and 0.0 <= a.density <= 1.0
+            dens_ok = isinstance(a.density, (int, float, numbers.Real)) and 0.0 <= a.density <= 1.0
             if bad or not a.tensors or len(set(a.tensors)) < len(a.tensors) or not dens_ok:
                 raise ValueError(
                     f"{self.policy!r}.allocate returned {a!r}: tensor indices must be integers "
@@ -342,7 +345,7 @@ class MaskUpdater:
 
     def _check_group(self, a: Allocation) -> None:
         g = a.group
-        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1:
+        if isinstance(g, bool) or not isinstance(g, (int, numbers.Integral)) or g < 1:
             raise ValueError(f"{self.policy!r}.allocate returned {a!r}: group must be an integer "
                              f">= 1 (the N:M group length) or None")
         for i in a.tensors:
@@ -400,6 +403,7 @@ class MaskUpdater:
     # -- state ---------------------------------------------------------------------------
     def fingerprint(self) -> list[list[Any]]:
         """What identifies the masked tensors: ``[name, shape, method]`` each."""
+        self.check_bindings()
         return [[r.name, list(r.theta.shape), r.mask.method] for r in self.refs]
 
     def state_dict(self) -> dict[str, Any]:
@@ -559,10 +563,11 @@ def check_record(record: Any) -> StepRecord:
             ok = isinstance(v, (bool, numbers.Integral)) and v in (0, 1)
             v = bool(v)
         elif f.name in ("step", "iterations"):
-            ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+            ok = isinstance(v, (int, numbers.Integral)) and not isinstance(v, bool) and int(v) >= 0
             v = int(v) if ok else v
         else:
-            ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+            ok = isinstance(v, (int, float, numbers.Real)) and not isinstance(v, bool) and (
+                math.isfinite(v))
             v = float(v) if ok else v
         if not ok:
             raise ValueError(f"malformed step record: {f.name}={record[f.name]!r}")
@@ -574,7 +579,7 @@ def _number(name: str, value: Any) -> float:
     """``value`` as a finite float (Python or numpy numbers, one-element tensors)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -582,7 +587,7 @@ def _number(name: str, value: Any) -> float:
 
 
 def _index(i: Any, n: int) -> int:
-    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < n:
+    if isinstance(i, bool) or not isinstance(i, (int, numbers.Integral)) or not 0 <= int(i) < n:
         raise ValueError(f"index {i!r} not an integer in [0, {n})")
     return int(i)
 
@@ -665,10 +670,10 @@ def _checked_refs(model: nn.Module) -> list[MaskRef]:
         by_mask[id(r.mask)] = by_theta[id(r.theta)] = r
         refs.append(r)
     for pname, p in model.named_parameters(remove_duplicate=False):
-        r = by_theta.get(id(p))
-        if r is not None and not pname.endswith(".original") and pname != "original":
+        tied = by_theta.get(id(p))
+        if tied is not None and not pname.endswith(".original") and pname != "original":
             raise ValueError(
-                f"{r.name} is tied to {pname} (one Parameter), which is used without its mask; "
+                f"{tied.name} is tied to {pname} (one Parameter), which is used without its mask; "
                 f"register the same SpartanMask at both places (ts.sparsify does this for tied "
                 f"weights) or untie them"
             )
