@@ -27,7 +27,7 @@ from torch import nn
 
 from torchspartan.policies import AllocationPolicy
 from torchspartan.schedules import Schedule, linear
-from torchspartan.update import MaskUpdater, StepRecord, check_record
+from torchspartan.update import MaskUpdater, StepRecord, check_record, finite_flags
 
 __all__ = ["DualAveraging"]
 
@@ -349,8 +349,7 @@ class DualAveraging(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def _check_finite(self) -> None:
-        """One host sync: the largest magnitude of every masked weight and gradient is finite
-        (one multi-tensor op; NaN propagates through the maximum, which cannot overflow)."""
+        """One host sync: every masked weight and gradient is free of NaN and Inf."""
         refs = self.updater.refs
         tensors = [r.theta.detach() for r in refs]
         grads = [r.theta.grad for r in refs]
@@ -360,7 +359,7 @@ class DualAveraging(torch.optim.Optimizer):
                                  f"weight needs a dense one (e.g. nn.Embedding(sparse=False))")
         tensors += [g if g is not None else r.theta.detach() for r, g in zip(refs, grads,
                                                                                strict=True)]
-        ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).tolist()
+        ok = finite_flags(tensors)
         n = len(refs)
         for i, r in enumerate(refs):
             for what, good in (("weight", ok[i]), ("gradient", ok[n + i])):
