@@ -179,7 +179,7 @@ def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.
 class _BatchedWeights(torch.autograd.Function):
     """All masked weights of an unstructured segment with one sharpness, with the exact gradient::
 
-        dL/dtheta = g m + sign(theta) a beta (g |theta| / c + G / S),   a = m (1 - m),
+        dL/dtheta = g m + sign(theta) a beta (g theta / c + G / S),   a = m (1 - m),
         G = dL/dtau = -beta sum_k sum(a_k g_k theta_k),
 
     in multi-tensor ops. It saves no tensors (the weights are Parameters, kept on ``ctx``), so
@@ -194,25 +194,27 @@ class _BatchedWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
         info: _Info = ctx.info
         beta, scales, slope = info.batched.beta, info.batched.scales, info.slope
         thetas = [t.detach() for t in ctx.thetas]
         grads = tuple(g.to(t.dtype) for g, t in zip(grads, thetas, strict=True))
-        a = _soft_masks(ctx.info, thetas)
+        a = _soft_masks(info, thetas)
         out = list(torch._foreach_mul(grads, a))  # g m
         torch._foreach_addcmul_(a, a, a, value=-1)  # a = m (1 - m)
-        agt = list(torch._foreach_mul(a, grads))
-        torch._foreach_mul_(agt, thetas)  # a g theta
-        total = torch.cat([x.reshape(-1) for x in agt]).sum(dtype=torch.float64)
+        t = list(torch._foreach_mul(a, grads))
+        torch._foreach_mul_(t, thetas)  # a g theta
+        total = torch.stack([x.sum(dtype=torch.float64) for x in t]).sum()
         g_tau = -beta * total  # dL/dtau, summed over the segment
         # a saturated segment (S = 0) has no cross term, not a NaN
         coef = torch.where(slope > 0, g_tau * beta / slope.clamp_min(torch.finfo(slope.dtype).tiny),
                            torch.zeros_like(g_tau))
-        sign = torch._foreach_sign(thetas)
-        torch._foreach_mul_(agt, sign)  # a g |theta|
-        torch._foreach_mul_(agt, scales)  # (beta / c) a g |theta|
-        torch._foreach_mul_(a, sign)
-        torch._foreach_mul_(a, coef.to(a[0].dtype))  # G beta a sign(theta) / S
-        torch._foreach_add_(out, agt)
-        torch._foreach_add_(out, a)
+        # sign(theta) a ((beta/c) g theta + G beta / S)  ==  (beta/c) a g |theta| + the cross term
+        torch._foreach_mul_(t, scales)
+        torch._foreach_mul_(a, coef.to(a[0].dtype))
+        torch._foreach_add_(t, a)
+        torch._foreach_copy_(a, thetas)
+        torch._foreach_sign_(a)
+        torch._foreach_mul_(t, a)
+        torch._foreach_add_(out, t)
         return (None, *out)
