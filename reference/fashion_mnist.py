@@ -255,15 +255,24 @@ def _load_average() -> list[float] | None:
 
 
 def _git_state() -> dict[str, Any] | None:
-    """The commit the code ran from and whether ``torchspartan/`` or ``reference/`` differed
-    from it (uncommitted edits); None outside a git checkout."""
+    """The commit the code ran from and the files of ``torchspartan/`` and ``reference/``
+    (results excluded) that differed from it (uncommitted edits); None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "torchspartan", "reference"],
+            # code only: results written by earlier runs are no uncommitted code
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--",
+                "torchspartan",
+                "reference",
+                ":(exclude)reference/results",
+            ],
             cwd=root,
             capture_output=True,
             text=True,
