@@ -250,9 +250,11 @@ class MaskUpdater:
             planned, self._planned = self._planned, None
         assert planned is not None
         _, _, alloc_density, allocs = planned
-        if len(allocs) > 1 or any(a.group is not None for a in allocs):
-            # several problems: check every weight before the first is written (one problem
-            # checks its own weights before it writes anything)
+        one_solve = len(allocs) == 1 and allocs[0].group is None and (
+            0.0 < allocs[0].density < 1.0)
+        if not one_solve:
+            # several problems, or none to solve: check every weight before the first mask is
+            # written (one solved problem checks its own weights before it writes anything)
             self.check_weights(step)
         if not self._costs_written:
             for r, c in zip(self.refs, self.unit_costs, strict=True):
