@@ -248,7 +248,8 @@ class MaskUpdater:
         if planned is None or planned[:2] != (density, beta):
             self.validate(density, beta)
             planned, self._planned = self._planned, None
-        assert planned is not None
+        if planned is None:
+            raise RuntimeError("MaskUpdater.validate did not plan the update")
         _, _, alloc_density, allocs = planned
         one_solve = len(allocs) == 1 and allocs[0].group is None and (
             0.0 < allocs[0].density < 1.0)
@@ -269,6 +270,12 @@ class MaskUpdater:
                 for i in self.alloc_index:
                     mask = self.refs[i].mask
                     mask.update(torch.ones_like(mask.hard_mask), threshold=mask.threshold)
+            if one_solve and not self._bounded(allocs[0]):
+                # the common case: one shared budget, computed, then checked and counted with
+                # one host read, then written (no sync on the way with a sync-free solver)
+                record = self._update_one(allocs[0], beta, step, old, alloc_density)
+                self.last_record = record
+                return record
             for alloc in allocs:
                 idx = tuple(self.alloc_index[j] for j in alloc.tensors)
                 if alloc.group is not None:
@@ -294,6 +301,27 @@ class MaskUpdater:
         record = self._record(old, step, alloc_density, beta, iterations, error)
         self.last_record = record
         return record
+
+    def _bounded(self, alloc: Allocation) -> bool:
+        return any(self.refs[self.alloc_index[j]].mask.min_density > 0.0
+                   or self.refs[self.alloc_index[j]].mask.max_density < 1.0
+                   for j in alloc.tensors)
+
+    def _update_one(self, alloc: Allocation, beta: float, step: int, old: list[torch.Tensor],
+                    alloc_density: float) -> StepRecord:
+        idx = tuple(self.alloc_index[j] for j in alloc.tensors)
+        budget = alloc.density * sum(self.solver.cost(i) for i in idx)
+        pending = self.solver.prepare(idx, budget, beta, step)
+        new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
+        counts = self._counts(old, new)
+        n = len(pending.scalars)
+        values = (torch.cat([torch.stack(pending.scalars), counts.to(torch.float64)]).tolist()
+                  if n else counts.tolist())
+        iterations, error = pending.commit(values[:n])
+        self.couplings += self.solver.take_couplings()
+        redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
+        return self._record(old, step, alloc_density, beta, iterations, error,
+                            None if redone else values[n:])
 
     def check_weights(self, step: int = 0) -> None:
         """Raise ``ValueError`` naming the first masked weight holding NaN/Inf (one host sync)."""
@@ -365,13 +393,17 @@ class MaskUpdater:
             c.release()
         self.couplings = []
 
+    def _counts(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> torch.Tensor:
+        """Changed and kept entries of every mask, on the device (read with other values)."""
+        return torch.stack([(h != o).sum() for h, o in zip(new, old, strict=True)]
+                           + [h.sum() for h in new])
+
     def _record(self, old: list[torch.Tensor], step: int, target: float, beta: float,
-                iterations: int, error: float) -> StepRecord:
+                iterations: int, error: float, counts: list[float] | None = None
+                ) -> StepRecord:
         block = [r.mask.block_numel for r in self.refs]
-        counts = torch.stack(
-            [(r.mask.hard_mask != o).sum() for r, o in zip(self.refs, old, strict=True)]
-            + [r.mask.hard_mask.sum() for r in self.refs]
-        ).tolist()
+        if counts is None:
+            counts = self._counts(old, [r.mask.hard_mask for r in self.refs]).tolist()
         n = len(self.refs)
         changed = sum(c * b for c, b in zip(counts[:n], block, strict=True))
         kept = sum(c * b for c, b in zip(counts[n:], block, strict=True))
