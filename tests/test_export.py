@@ -505,3 +505,14 @@ def test_docstring_examples() -> None:
                              optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} doctest failures in torchspartan.export"
+
+
+def test_sparsity_report_carries_flops_and_bytes() -> None:
+    model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+    with torch.no_grad():
+        model[0].weight[:, 10:] = 0
+    report = ts.sparsity_report(model, torch.randn(4, 100))
+    assert report.cost is not None
+    assert (report.cost.dense_flops, report.cost.sparse_flops) == (88000, 16000)
+    assert "FLOPs 5.50x fewer" in str(report)
+    assert ts.sparsity_report(model).cost is None

@@ -11,10 +11,22 @@ One flat namespace::
     ts.DualAveraging                                                # the training step
     ts.linear, ts.cosine, ts.constant                               # schedules
     ts.finalize, ts.sparsity_report                                 # finishing
+    ts.to_sparse, ts.save_sparse, ts.load_sparse, ts.export_report  # deploying
 
 docs/design.md in the repository explains the maths and who owns which state.
 """
 
+from torchspartan.export import (
+    CheckpointInfo,
+    ExportReport,
+    ExportSummary,
+    SparseConv2d,
+    SparseLinear,
+    export_report,
+    load_sparse,
+    save_sparse,
+    to_sparse,
+)
 from torchspartan.mask import SpartanMask
 from torchspartan.optim import DualAveraging
 from torchspartan.policies import (
@@ -38,6 +50,15 @@ from torchspartan.update import MaskUpdater, StepRecord
 
 __all__ = [
     "ERK",
+    "CheckpointInfo",
+    "ExportReport",
+    "ExportSummary",
+    "SparseConv2d",
+    "SparseLinear",
+    "export_report",
+    "load_sparse",
+    "save_sparse",
+    "to_sparse",
     "NM",
     "Allocation",
     "AllocationPolicy",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchspartan.export import ExportReport, export_report
 from torchspartan.sparsify import MaskRef, find_masks
 
 __all__ = ["SparsityReport", "SparsityRow", "finalize", "sparsity_report"]
@@ -88,9 +90,16 @@ class SparsityRow:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Per-tensor zeros of a model; ``str()`` renders a table."""
+    """Per-tensor zeros of a model; ``str()`` renders a table.
+
+    Attributes:
+        rows: one per parameter.
+        cost: dense vs sparse FLOPs and bytes of the Linear/Conv/attention weights
+            (:func:`~torchspartan.export_report`), when the report was given an example input.
+    """
 
     rows: tuple[SparsityRow, ...]
+    cost: ExportReport | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -136,12 +145,18 @@ class SparsityReport:
         weights = [r for r in self.rows if len(r.shape) >= 2]
         lines.append(f"{'weights (dim >= 2)':<40} {'':<22} {sum(r.numel for r in weights):>10} "
                      f"{sum(r.nonzero for r in weights):>10} {self.weight_sparsity:>9.2%}")
+        if self.cost is not None:
+            lines += ["", str(self.cost)]
         return "\n".join(lines)
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module) -> SparsityReport:
+def sparsity_report(model: nn.Module, example_input: Any = None) -> SparsityReport:
     """Zeros per parameter of any model; masked tensors are read through their mask.
+
+    With ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) the report also holds the FLOPs and bytes of the weights, dense vs sparse
+    (``report.cost``, from one forward pass; see :func:`~torchspartan.export_report`).
 
     Every tensor is counted once: a Parameter shared by several modules (tied weights) is one
     row, under its first name. Rows are ``masked`` when a SpartanMask is on them, or when
@@ -173,4 +188,5 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
             seen.add(key)
             rows.append(SparsityRow(qual, tuple(value.shape), value.numel(),
                                     int(torch.count_nonzero(value)), qual in masked))
-    return SparsityReport(tuple(rows))
+    cost = export_report(model, example_input) if example_input is not None else None
+    return SparsityReport(tuple(rows), cost)
