@@ -53,6 +53,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.benchmark import Timer  # noqa: E402
 
@@ -233,16 +234,6 @@ def run_case(group: str, case: str, builds: list[tuple[str, Callable[[], nn.Modu
 # -- the machine -------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def load_average() -> list[float]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -254,7 +245,7 @@ def machine(threads: int) -> dict[str, Any]:
     import torchvision
 
     return {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "logical_cores": os.cpu_count(),
         "torch_threads": threads,
         "torch": torch.__version__,
