@@ -866,3 +866,43 @@ def test_error_messages_name_the_argument_and_value() -> None:
         ts.linear(1.0, math.nan, 0, 5)
     with pytest.raises(TypeError, match="min_density must be a number"):
         ts.SpartanMask(min_density="0.1")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every torchvision classification model through the defaults (slow: about half an hour on 2
+# CPU cores; the committed table is benchmarks/results/torchvision_models.md)
+# ---------------------------------------------------------------------------------------------
+def _torchvision_models() -> list[str]:
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.fixture(scope="module")
+def tv_bench() -> Any:
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torchvision_models.py"
+    spec = importlib.util.spec_from_file_location("_torchvision_models_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _torchvision_models())
+def test_every_torchvision_model_reaches_the_target_with_the_defaults(tv_bench: Any,
+                                                                      name: str) -> None:
+    row = tv_bench.run(name, steps=4, sparsity=0.9)
+    assert row["kept"] == row["kept_expected"], row
+    assert row["masked_share"] > 0.95, row  # the defaults cover the model's weights
+    assert tv_bench.ok(row, 0.9), row
