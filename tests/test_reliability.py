@@ -800,6 +800,23 @@ def test_numpy_scalars_are_numbers_everywhere() -> None:
         make(mlp_masked(), sparsity=np.bool_(True))  # a bool is not a number
 
 
+def test_a_policy_computing_with_numpy_trains_and_saves_plain_numbers() -> None:
+    class NumpyUniform(ts.AllocationPolicy):
+        def allocate(self, tensors: list[ts.MaskedTensor], density: float
+                     ) -> list[ts.Allocation]:
+            return [ts.Allocation((np.int64(i),), np.float32(density))  # type: ignore[arg-type]
+                    for i in range(len(tensors))]
+
+    model = mlp_masked()
+    opt = make(model, sparsity=0.5, policy=NumpyUniform())
+    for s in range(4):
+        opt.zero_grad()
+        loss_backward(model, seed=s)
+        opt.step()
+    state = opt.state_dict()["spartan"]["updater"]
+    assert state["hints"] and all(type(i) is int for key, _ in state["hints"] for i in key)
+
+
 def mlp_masked() -> nn.Module:
     model = mlp()
     ts.sparsify(model)

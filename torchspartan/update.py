@@ -370,7 +370,9 @@ class MaskUpdater:
             missing = [self.tensors[i].name for i in range(n) if i not in seen][:3]
             raise ValueError(f"{self.policy!r}.allocate left tensors without a budget: "
                              f"{missing}; every masked tensor needs one allocation")
-        return allocs
+        # plain Python numbers from here on (a policy may compute with numpy)
+        return [Allocation(tuple(int(i) for i in a.tensors), float(a.density),
+                           None if a.group is None else int(a.group)) for a in allocs]
 
     def _check_group(self, a: Allocation) -> None:
         g = a.group
