@@ -200,6 +200,9 @@ def _check_new_place(module: nn.Module, tensor_name: str, qual: str) -> torch.Te
         )
     check_place(module, tensor_name, qual)
     t = getattr(module, tensor_name)
+    if isinstance(t, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{qual} is not initialized yet (a lazy module): run one forward pass "
+                         f"before registering masks")
     if not isinstance(t, nn.Parameter):
         raise ValueError(f"{qual} is not an nn.Parameter (a buffer?); only trained weights can "
                          f"be masked: exclude this layer")
