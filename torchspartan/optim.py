@@ -4,7 +4,9 @@ It wraps any base optimizer and shares its ``param_groups`` and ``state``, so LR
 ``GradScaler`` and checkpoints of the base optimizer work unchanged. ``step()`` runs
 (docs/design.md, "One training step"):
 
-1. the checks (finite gradients and weights, the schedules' values), before anything changes;
+1. the checks, before anything changes: the masks are still registered where they were, the
+   schedules' values are numbers in range, the budget is feasible and the policy's allocations
+   valid, and (after a ``closure`` has run) every masked weight and gradient is finite;
 2. the base optimizer's step on the dense weights ``theta`` (the "dual" variables, whose
    gradients were taken at the sparse "primal" weights ``w``);
 3. the mask update for the next step by a :class:`~torchspartan.MaskUpdater` at the density and
