@@ -137,7 +137,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Every torchvision classification model through the defaults",
         "",
-        f"`python -m benchmarks.torchvision_models` ({meta['cpu']}, {meta['threads']} threads; "
+        f"`python -m benchmarks.torchvision_models` on the CPU ({meta['cpu']}, "
+        f"{meta['threads']} threads, no GPU; "
         f"torch {meta['torch']}, torchvision {meta['torchvision']}; library at "
         f"{', '.join(commits)}).",
         "",
