@@ -81,14 +81,17 @@ class AllocationSolver:
 
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
         """Runs of consecutive tensors with equal (entry cost, sharpness, dtype), each packed
-        into one flat buffer: one piece per run."""
+        into one flat buffer: one piece per run. On a CPU without ``sync_free`` every tensor is
+        its own piece: an op per tensor costs microseconds there, the packing copy does not."""
         runs: list[list[int]] = []
         keys: list[tuple[float, float, torch.dtype]] = []
+        pack = self.sync_free if self.sync_free is not None else (
+            self.refs[idx[0]].theta.device.type != "cpu")
         for i in idx:
             r = self.refs[i]
             dtype = torch.float64 if r.theta.dtype == torch.float64 else torch.float32
             key = (self.unit_costs[i] * r.mask.block_numel, math.sqrt(r.mask.block_numel), dtype)
-            if keys and keys[-1] == key:
+            if pack and keys and keys[-1] == key:
                 runs[-1].append(i)
             else:
                 runs.append([i])
