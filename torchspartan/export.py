@@ -992,7 +992,8 @@ def _encode_quiet(t: torch.Tensor) -> dict[str, Any]:
                 "col": s.col_indices().to(_index_dtype(t2.shape[1])),
                 "values": s.values().clone()}
     fit = _detect_block(t2 != 0)
-    assert fit is not None
+    if fit is None:  # the caller picks "bsr" only for a block-structured tensor
+        raise RuntimeError(f"no block structure in a tensor of shape {tuple(shape)} to store as BSR")
     s = t2.to_sparse_bsr(fit.blocksize)
     nblocks = s.values().shape[0]
     return {"encoding": "bsr", "shape": shape, "blocksize": list(fit.blocksize),
