@@ -993,7 +993,8 @@ def _encode_quiet(t: torch.Tensor) -> dict[str, Any]:
                 "values": s.values().clone()}
     fit = _detect_block(t2 != 0)
     if fit is None:  # the caller picks "bsr" only for a block-structured tensor
-        raise RuntimeError(f"no block structure in a tensor of shape {tuple(shape)} to store as BSR")
+        raise RuntimeError(f"no block structure to store as BSR in a tensor of shape "
+                           f"{tuple(shape)}")
     s = t2.to_sparse_bsr(fit.blocksize)
     nblocks = s.values().shape[0]
     return {"encoding": "bsr", "shape": shape, "blocksize": list(fit.blocksize),
