@@ -29,6 +29,7 @@ import torch
 from torchspartan._select import select_flat
 
 __all__ = [
+    "TOLERANCE",
     "Piece",
     "SoftSolution",
     "hard_select",
@@ -42,6 +43,8 @@ Cost = float | torch.Tensor
 # scores are sharded over ranks).
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
+# The relative budget tolerance of a float32 solve (training's, and soft_topk's default).
+TOLERANCE = 1e-6
 # Problems with at least this many entries get their cold start from a strided sample.
 SAMPLE_SIZE = 1 << 14
 
@@ -160,7 +163,7 @@ def solve_soft(
     *,
     tau_init: torch.Tensor | None = None,
     unit_max: torch.Tensor | None = None,
-    tol: float = 1e-6,
+    tol: float = TOLERANCE,
     max_iter: int = 100,
     reduce: Reduce | None = None,
     check: bool = True,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from torchspartan._blocks import block_reduce, from_rows, to_rows
-from torchspartan._engine import Piece, SoftSolution, hard_select, solve_soft
+from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, solve_soft
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
@@ -243,8 +243,6 @@ class AllocationSolver:
 
 # Newton evaluations of a warm-started solve that makes no host sync (checked at the commit).
 NEWTON_UNCHECKED = 4
-# The relative budget tolerance of the soft solve during training.
-TOLERANCE = 1e-6
 
 
 class Pending:

@@ -34,7 +34,14 @@ from typing import Any, Literal, overload
 import torch
 
 from torchspartan._blocks import from_rows, to_rows
-from torchspartan._engine import Piece, hard_select, select_rows, soft_backward, solve_soft
+from torchspartan._engine import (
+    TOLERANCE,
+    Piece,
+    hard_select,
+    select_rows,
+    soft_backward,
+    solve_soft,
+)
 from torchspartan.policies import AllocationPolicy, Global, MaskedTensor
 
 __all__ = ["SoftTopK", "SoftTopKResult", "hard_topk", "soft_topk"]
@@ -258,7 +265,7 @@ class _Plan:
     budgets: torch.Tensor  # (S,) float64
     fill: list[bool | None]  # per part: None (solved), True/False (density 1 or 0: constant)
     tau_init: torch.Tensor | None = None
-    tol: float = 1e-6
+    tol: float = TOLERANCE
     max_iter: int = 100
     # Guards against overflow and underflow (see _guard): the engine solves for v / scale with
     # beta * scale (the same masks; a power of two, so exact), in float64 when float32 cannot
@@ -392,8 +399,10 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
             raise TypeError(f"values[{i}] must be a torch.Tensor, got {type(v).__name__}")
         if v.numel() == 0:
             raise ValueError(f"values[{i}] must not be empty, got shape {tuple(v.shape)}")
-        value_max.append(float(_validate(v.reshape(1, -1), 1.0 if v.numel() > 1 else 0.5,
-                                         None).unit_max.max()))
+        _check_float(f"values[{i}]", v)
+        vmin, vmax = _row_extremes(v.detach().reshape(-1))
+        _check_extremes(f"values[{i}]", v, vmin.reshape(1), vmax.reshape(1), positive=False)
+        value_max.append(float(vmax))
     devices = {v.device for v in values}
     if len(devices) > 1:
         raise ValueError(f"values must all be on one device, got {sorted(map(str, devices))}")
