@@ -20,9 +20,10 @@ from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, so
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
+from torchspartan.mask import SpartanMask
 from torchspartan.sparsify import MaskRef
 
-__all__ = ["AllocationSolver"]
+__all__ = ["AllocationSolver", "bind"]
 
 
 class AllocationSolver:
@@ -64,6 +65,17 @@ class AllocationSolver:
             scales = [beta / (self.unit_costs[i] * self.refs[i].mask.block_numel) for i in idx]
             batched = Batched(beta, scales, -(beta * tau))
         return Coupling(masks, thetas, slope, batched=batched)
+
+    def restore(self, idx: Sequence[int], slope: float) -> Coupling:
+        """The coupling of a checkpoint (its mask indices and slope), made for the masks'
+        current state and bound to them."""
+        masks = [self.refs[i].mask for i in idx]
+        beta = float(masks[0].beta) / math.sqrt(masks[0].block_numel)
+        c = self.coupling(idx, torch.tensor(slope, dtype=torch.float64,
+                                            device=masks[0].threshold.device),
+                          beta, float(masks[0].threshold))
+        bind(c, masks)
+        return c
 
     def take_couplings(self) -> list[Coupling]:
         """The couplings made since the last call (the caller owns and releases them)."""
@@ -328,3 +340,10 @@ class Pending:
             m.update(self.hard_of[i], threshold=solution.tau[0],
                      beta=self.beta * math.sqrt(m.block_numel), scope=scope, coupling=coupling)
         return evaluations, err
+
+
+def bind(coupling: Coupling, masks: Sequence[SpartanMask]) -> None:
+    """Bind ``coupling`` to its ``masks`` (as they are: same hard masks, thresholds, betas)."""
+    for m in masks:
+        m.update(m.hard_mask, threshold=m.threshold, beta=float(m.beta), scope="shared",
+                 coupling=coupling)

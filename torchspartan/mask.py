@@ -29,7 +29,7 @@ from torchspartan._blocks import block_mul, block_reduce, block_sizes
 from torchspartan._kernels import MaskedWeight, MaskSpec, Scope, soft_mask
 from torchspartan.coupling import Coupling
 
-__all__ = ["Method", "SpartanMask"]
+__all__ = ["Method", "SpartanMask", "entry_problems"]
 
 Method = Literal["spartan", "topkast", "gmp", "fixed"]
 _METHODS = ("spartan", "topkast", "gmp", "fixed")
@@ -76,24 +76,7 @@ class SpartanMask(nn.Module):
         max_density: float = 1.0,
     ) -> None:
         super().__init__()
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        if block is not None:
-            block = _check_block(block)
-        if method == "fixed" and mask is None:
-            raise ValueError("method='fixed' needs mask=<bool tensor>; the mask it keeps forever")
-        if method != "fixed" and mask is not None:
-            raise ValueError(f"mask= is only for method='fixed', got method={method!r}")
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
-        for name, value in (("min_density", min_density), ("max_density", max_density)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
-                raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-        if not (0.0 <= min_density <= max_density <= 1.0):
-            raise ValueError(
-                "need 0 <= min_density <= max_density <= 1, got "
-                f"min_density={min_density!r}, max_density={max_density!r}"
-            )
+        block = _check_args(method, block, mask, min_density, max_density)
         self.method: str = method
         self.block: tuple[int, ...] | None = block
         self.min_density = float(min_density)
@@ -274,7 +257,7 @@ class SpartanMask(nn.Module):
         # Checked whole before anything is copied: a bad entry leaves this mask as it was (and
         # load_state_dict raises, naming it). An N:M threshold has one entry per group; a
         # checkpoint of release 0.1 has no 'frozen'.
-        problems = self._check_entry(state_dict, prefix)
+        problems = entry_problems(state_dict, prefix, self.hard_mask)
         if problems:
             error_msgs = args[-1]
             error_msgs.extend(f"{prefix[:-1] or 'mask'}: {p}" for p in problems)
@@ -286,50 +269,6 @@ class SpartanMask(nn.Module):
         if prefix + "frozen" not in state_dict:
             state_dict[prefix + "frozen"] = self.frozen.clone()
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def _check_entry(self, state_dict: dict[str, Any], prefix: str) -> list[str]:
-        """What is wrong with this mask's entries of a state dict (nothing: ``[]``)."""
-        out = []
-
-        def get(name: str) -> torch.Tensor | None:
-            v = state_dict.get(prefix + name)
-            if v is not None and not isinstance(v, torch.Tensor):
-                out.append(f"{name} must be a tensor, got {type(v).__name__}")
-                return None
-            return v
-
-        hard = get("hard_mask")
-        if hard is not None:
-            if hard.dtype != torch.bool:
-                out.append(f"hard_mask must be a bool tensor, got {hard.dtype}")
-            elif self.hard_mask is not None and hard.shape != self.hard_mask.shape:
-                out.append(f"hard_mask of shape {tuple(hard.shape)} does not fit this mask's "
-                           f"{tuple(self.hard_mask.shape)} (another model, or another block?)")
-        grid = hard if hard is not None else self.hard_mask
-        tau = get("threshold")
-        if tau is not None:
-            if not tau.is_floating_point() or tau.dim() > 1:
-                out.append(f"threshold must be a float tensor with 0 or 1 dims, got {tau.dtype} "
-                           f"of shape {tuple(tau.shape)}")
-            elif tau.dim() == 1 and (grid is None or tau.numel() == 0
-                                     or grid.numel() % tau.numel()):
-                out.append(f"threshold has {tau.numel()} entries (one per N:M group), which do "
-                           f"not divide the mask's {None if grid is None else grid.numel()}")
-            elif not bool(torch.isfinite(tau).all()):
-                out.append("threshold holds NaN or Inf")
-        for name, low in (("beta", 0.0), ("cost", None)):
-            v = get(name)
-            if v is None:
-                continue
-            if v.numel() != 1 or not v.is_floating_point() or not math.isfinite(float(v)) or (
-                    float(v) < 0 if low is not None else float(v) <= 0):
-                need = ">= 0" if low is not None else "> 0"
-                out.append(f"{name} must be one finite number {need}, got {v.tolist()}")
-        frozen = get("frozen")
-        if frozen is not None and (frozen.dtype != torch.bool or frozen.numel() != 1):
-            out.append(f"frozen must be one bool, got {frozen.dtype} of shape "
-                       f"{tuple(frozen.shape)}")
-        return out
 
     def _refresh_flags(self, *_: Any) -> None:
         self.soft_active = bool(self.beta > 0)
@@ -373,3 +312,74 @@ def _check_block(block: Any) -> tuple[int, ...]:
     if not ok or len(block) == 0 or any(b < 1 for b in block):
         raise ValueError(f"block must be a tuple of positive integer sizes, got {block!r}")
     return tuple(int(b) for b in block)
+
+
+def entry_problems(state_dict: dict[str, Any], prefix: str,
+                   hard_mask: torch.Tensor | None) -> list[str]:
+    """What is wrong with a mask's entries (under ``prefix``) of a state dict, for a mask whose
+    hard mask is ``hard_mask`` (None: not created yet); nothing wrong: ``[]``."""
+    out = []
+
+    def get(name: str) -> torch.Tensor | None:
+        v = state_dict.get(prefix + name)
+        if v is not None and not isinstance(v, torch.Tensor):
+            out.append(f"{name} must be a tensor, got {type(v).__name__}")
+            return None
+        return v
+
+    hard = get("hard_mask")
+    if hard is not None:
+        if hard.dtype != torch.bool:
+            out.append(f"hard_mask must be a bool tensor, got {hard.dtype}")
+        elif hard_mask is not None and hard.shape != hard_mask.shape:
+            out.append(f"hard_mask of shape {tuple(hard.shape)} does not fit this mask's "
+                       f"{tuple(hard_mask.shape)} (another model, or another block?)")
+    grid = hard if hard is not None else hard_mask
+    tau = get("threshold")
+    if tau is not None:
+        if not tau.is_floating_point() or tau.dim() > 1:
+            out.append(f"threshold must be a float tensor with 0 or 1 dims, got {tau.dtype} "
+                       f"of shape {tuple(tau.shape)}")
+        elif tau.dim() == 1 and (grid is None or tau.numel() == 0
+                                 or grid.numel() % tau.numel()):
+            out.append(f"threshold has {tau.numel()} entries (one per N:M group), which do "
+                       f"not divide the mask's {None if grid is None else grid.numel()}")
+        elif not bool(torch.isfinite(tau).all()):
+            out.append("threshold holds NaN or Inf")
+    for name, low in (("beta", 0.0), ("cost", None)):
+        v = get(name)
+        if v is None:
+            continue
+        if v.numel() != 1 or not v.is_floating_point() or not math.isfinite(float(v)) or (
+                float(v) < 0 if low is not None else float(v) <= 0):
+            need = ">= 0" if low is not None else "> 0"
+            out.append(f"{name} must be one finite number {need}, got {v.tolist()}")
+    frozen = get("frozen")
+    if frozen is not None and (frozen.dtype != torch.bool or frozen.numel() != 1):
+        out.append(f"frozen must be one bool, got {frozen.dtype} of shape "
+                   f"{tuple(frozen.shape)}")
+    return out
+
+
+def _check_args(method: Any, block: Any, mask: Any, min_density: Any, max_density: Any
+                ) -> tuple[int, ...] | None:
+    """The checks of :class:`SpartanMask`'s arguments; ``block`` as a tuple (or None)."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if block is not None:
+        block = _check_block(block)
+    if method == "fixed" and mask is None:
+        raise ValueError("method='fixed' needs mask=<bool tensor>; the mask it keeps forever")
+    if method != "fixed" and mask is not None:
+        raise ValueError(f"mask= is only for method='fixed', got method={method!r}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+    for name, value in (("min_density", min_density), ("max_density", max_density)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
+            raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not (0.0 <= min_density <= max_density <= 1.0):
+        raise ValueError(
+            "need 0 <= min_density <= max_density <= 1, got "
+            f"min_density={min_density!r}, max_density={max_density!r}"
+        )
+    return block

@@ -17,7 +17,6 @@ It wraps any base optimizer and shares its ``param_groups`` and ``state``, so LR
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -27,39 +26,89 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchspartan._checks import (
+    check_finite_before,
+    check_weights,
+    failed_after_base_step,
+    fraction,
+    is_number,
+    whole_number,
+)
 from torchspartan.policies import AllocationPolicy
-from torchspartan.schedules import Schedule, linear
-from torchspartan.update import MaskUpdater, StepRecord, check_record, finite_flags
+from torchspartan.schedules import Phases, Schedule, values_at
+from torchspartan.state import (
+    OPTIMIZER_STATE_VERSION,
+    StepRecord,
+    check_base_state,
+    check_masks_match,
+    parse_optimizer_entry,
+)
+from torchspartan.update import MaskUpdater
 
-__all__ = ["DualAveraging"]
-
-_STATE_VERSION = 2
-
-
-def _is_number(value: Any) -> bool:
-    """A real number: Python or numpy (``np.float32(0.9)``), not a bool."""
-    return isinstance(value, (int, float, numbers.Real)) and not isinstance(value, bool)
-
-
-def _check_fraction(name: str, value: float, *, closed_right: bool = False) -> float:
-    ok = _is_number(value) and (0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0)
-    if not ok:
-        interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+__all__ = ["DualAveraging", "WrappedOptimizer"]
 
 
-def _schedule_value(what: str, value: Any, t: int) -> float:
-    """A schedule's output as a float: Python or numpy numbers, or a one-element tensor."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-        value = value.item()
-    if not _is_number(value):
-        raise TypeError(f"the {what} schedule gave {value!r} at step {t}; a schedule must return "
-                        f"a number")
-    return float(value)
+class WrappedOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs around a base optimizer and shares its data model:
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own (also after it
+    reloads), so LR schedulers, ``GradScaler`` and the base optimizer's checkpoints work
+    unchanged. Subclasses call :meth:`wrap` first and define ``step``."""
+
+    optimizer: torch.optim.Optimizer
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        """Share ``optimizer``'s data model; give this wrapper its own (empty) hook tables."""
+        self.optimizer = optimizer
+        for attr in (
+            "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, attr, OrderedDict())
+        self._patch_step_function()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    # -- copies and pickles ----------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (``torch.optim.Optimizer`` keeps only the base state): the subclass's
+        objects travel with the base optimizer."""
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
 
 
-class DualAveraging(torch.optim.Optimizer):
+class DualAveraging(WrappedOptimizer):
     """Spartan training around any optimizer: dense dual updates, sparse forward.
 
     Args:
@@ -152,31 +201,18 @@ class DualAveraging(torch.optim.Optimizer):
             )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        sparsity = _check_fraction("sparsity", sparsity)
-        if isinstance(total_steps, bool) or not isinstance(
-                total_steps, (int, numbers.Integral)) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        total_steps = int(total_steps)
-        anneal_fraction = _check_fraction("anneal_fraction", anneal_fraction, closed_right=True)
-        finetune_fraction = _check_fraction("finetune_fraction", finetune_fraction)
-        if not (_is_number(beta_target) and beta_target > 0 and math.isfinite(beta_target)):
+        sparsity = fraction("sparsity", sparsity)
+        total_steps = whole_number("total_steps", total_steps, 1)
+        anneal_fraction = fraction("anneal_fraction", anneal_fraction, closed_right=True)
+        finetune_fraction = fraction("finetune_fraction", finetune_fraction)
+        if not (is_number(beta_target) and beta_target > 0 and math.isfinite(beta_target)):
             raise ValueError(f"beta_target must be finite and > 0, got {beta_target!r}")
-        beta_target = float(beta_target)
         for name, sched in (("density", density), ("beta", beta)):
             if sched is not None and not callable(sched):
                 raise TypeError(f"{name} must be a schedule (a callable step -> value, e.g. "
                                 f"ts.linear(...)), got {sched!r}")
 
-        # -- the torch.optim.Optimizer data model, shared with the base optimizer ---------
-        self.optimizer = optimizer
-        for attr in (
-            "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-            "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks",
-        ):
-            setattr(self, attr, OrderedDict())
-        self._patch_step_function()
-
+        self.wrap(optimizer)
         self.model = model
         self.sparsity = sparsity
         self.total_steps = total_steps
@@ -190,43 +226,14 @@ class DualAveraging(torch.optim.Optimizer):
                     f"the optimizer from model.parameters() after registering the masks"
                 )
         self.updater.check_target(1.0 - sparsity)
-        self.finetune_start = (
-            total_steps - int(round(finetune_fraction * total_steps))
-            if finetune_fraction > 0 else total_steps + 1
-        )
-        # the masks of the last update before the freeze are the final ones
-        last_update = min(self.finetune_start - 1, total_steps)
-        anneal_end = max(1, int(round(anneal_fraction * total_steps)))
-        if density is None and anneal_end > last_update:
-            final = 1.0 - (1.0 - (1.0 - sparsity)) * last_update / anneal_end
-            raise ValueError(
-                f"the density reaches its target {1 - sparsity:g} at step {anneal_end} "
-                f"(anneal_fraction={anneal_fraction:g}), but the masks freeze at step "
-                f"{self.finetune_start} (finetune_fraction={finetune_fraction:g} of "
-                f"total_steps={total_steps}), so the final sparsity would be "
-                f"{1 - final:.3g} instead of {sparsity:g}; use a smaller anneal_fraction (at "
-                f"most {max(0, last_update) / total_steps:.3g} here), finetune_fraction=0, or "
-                f"more total_steps"
-            )
-        self.density_schedule: Schedule = (
-            density if density is not None else linear(1.0, 1.0 - sparsity, 0, anneal_end)
-        )
-        self.beta_schedule: Schedule = (
-            beta if beta is not None
-            else linear(1.0, beta_target, 0, max(1, min(self.finetune_start, total_steps)))
-        )
+        phases = Phases.plan(sparsity, total_steps, density, beta, float(beta_target),
+                             anneal_fraction, finetune_fraction)
+        self.finetune_start = phases.finetune_start
+        self.density_schedule: Schedule = phases.density
+        self.beta_schedule: Schedule = phases.beta
         density_0, beta_0 = self._schedules(0)
-        if density is not None:
-            final_density, _ = self._schedules(max(0, last_update))
-            if abs(final_density - (1.0 - sparsity)) > 1e-6:
-                warnings.warn(
-                    f"the density schedule gives {final_density:.6g} at step {last_update}, the "
-                    f"last mask update before the freeze, but sparsity={sparsity:g} asks for "
-                    f"{1 - sparsity:.6g}; the final sparsity follows the schedule",
-                    UserWarning, stacklevel=2,
-                )
         self.updater.validate(density_0, beta_0)
-        self.updater.check_weights(0)
+        check_weights(self.updater.refs, 0)
         self._step = 0
         self.last_record: StepRecord = self.updater.update(density_0, beta_0, 0)
 
@@ -238,45 +245,10 @@ class DualAveraging(torch.optim.Optimizer):
     def sparsity_of(self) -> str:
         return self.updater.sparsity_of
 
-    # param_groups, state and defaults are the base optimizer's own (also after it reloads)
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
-
     # -- the optimizer protocol ------------------------------------------------------------
     def _schedules(self, t: int) -> tuple[float, float]:
         """The density and beta of step ``t``, validated."""
-        density = _schedule_value("density", self.density_schedule(t), t)
-        if not 0.0 < density <= 1.0:
-            raise ValueError(
-                f"the density schedule gave {density!r} at step {t}; densities must be numbers "
-                f"in (0, 1]"
-            )
-        beta = _schedule_value("beta", self.beta_schedule(t), t)
-        if not (beta > 0 and math.isfinite(beta)):
-            raise ValueError(f"the beta schedule gave {beta!r} at step {t}; need a finite "
-                             f"beta > 0")
-        return density, beta
+        return values_at(self.density_schedule, self.beta_schedule, t)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -305,72 +277,27 @@ class DualAveraging(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.check_finite:
-            self._check_finite()
+            check_finite_before(self.updater.refs, self._step + 1)
         self.optimizer.step()
         try:
             if freeze or frozen:  # the masks no longer change: only the step and schedules move
                 if self.check_finite:
-                    self.updater.check_weights(t)  # before the fold into the weights
+                    check_weights(self.updater.refs, t)  # before the fold into the weights
                 if freeze:
                     self.updater.freeze()
                 record = replace(
                     self.last_record, step=t, iterations=0, budget_error=0.0, mask_change=0.0,
-                    target_density=min(1.0, self.updater.allocatable_density(density)),
+                    target_density=min(1.0, self.updater.budget.allocatable_density(density)),
                     beta=beta, frozen=True,
                 )
             else:
                 record = self.updater.update(density, beta, t)
         except Exception as e:
-            raise self._failed_after_base_step(t, e) from e
+            raise failed_after_base_step(self.updater.refs, self.optimizer, t, e,
+                                         self.check_finite) from e
         self._step = t
         self.last_record = record
         return loss
-
-    def _failed_after_base_step(self, t: int, error: Exception) -> Exception:
-        """The error to raise when the mask update failed after the base step."""
-        with torch.no_grad():
-            bad = [r.name for r in self.updater.refs
-                   if not bool(torch.isfinite(r.theta).all())]
-        if not bad:
-            return error
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        before = ", from finite weights and gradients" if self.check_finite else ""
-        return ValueError(
-            f"{shown} became non-finite (NaN or Inf) in the base optimizer's step {t} "
-            f"({type(self.optimizer).__name__}{before}). The masks and the step counter were left "
-            f"as before "
-            f"step {t}, but the weights and the base optimizer's state of this step are not "
-            f"usable: reload the last checkpoint (model.state_dict() and opt.state_dict()), then "
-            f"lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_)"
-        )
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def _check_finite(self) -> None:
-        """One host sync: every masked weight and gradient is free of NaN and Inf."""
-        refs = self.updater.refs
-        tensors = [r.theta.detach() for r in refs]
-        grads = [r.theta.grad for r in refs]
-        for r, g in zip(refs, grads, strict=True):
-            if g is not None and g.layout != torch.strided:
-                raise ValueError(f"{r.name} has a sparse gradient ({g.layout}); a masked "
-                                 f"weight needs a dense one (e.g. nn.Embedding(sparse=False))")
-        tensors += [g if g is not None else r.theta.detach() for r, g in zip(refs, grads,
-                                                                               strict=True)]
-        ok = finite_flags(tensors)
-        n = len(refs)
-        for i, r in enumerate(refs):
-            for what, good in (("weight", ok[i]), ("gradient", ok[n + i])):
-                if not good:
-                    raise ValueError(
-                        f"{r.name} has a non-finite {what} (NaN or Inf) before step "
-                        f"{self._step + 1}; nothing was updated. Lower the learning rate, clip "
-                        f"gradients, or use torch.amp.GradScaler, which skips such steps"
-                    )
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -381,7 +308,7 @@ class DualAveraging(torch.optim.Optimizer):
         """
         sd = self.optimizer.state_dict()
         sd["spartan"] = {
-            "version": _STATE_VERSION,
+            "version": OPTIMIZER_STATE_VERSION,
             "step": self._step,
             "updater": self.updater.state_dict(),
             "last_record": self.last_record.__dict__.copy(),
@@ -408,7 +335,7 @@ class DualAveraging(torch.optim.Optimizer):
                             f"{type(state_dict).__name__}")
         state_dict = dict(state_dict)
         spartan = state_dict.pop("spartan", None)
-        _check_base_state(self.optimizer, state_dict)
+        check_base_state(self.optimizer, state_dict)
         if spartan is None:
             self.optimizer.load_state_dict(state_dict)
             warnings.warn(
@@ -417,73 +344,22 @@ class DualAveraging(torch.optim.Optimizer):
                 stacklevel=2,
             )
             return
-        if not isinstance(spartan, Mapping):
-            raise ValueError(f"the 'spartan' entry must be a dict, got {type(spartan).__name__}")
-        version = spartan.get("version")
-        if version == 1:
-            try:
-                spartan = _from_version_1(dict(spartan))
-            except (KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"malformed version-1 'spartan' entry (missing {e})") from None
-        elif version != _STATE_VERSION:
-            raise ValueError(
-                f"the 'spartan' entry has state version {version!r}; this release reads versions "
-                f"1 and {_STATE_VERSION}: load it with the torchspartan release that wrote it"
-            )
-        missing = {"step", "updater", "last_record"} - set(spartan)
-        if missing:
-            raise ValueError(f"malformed 'spartan' entry: missing {sorted(missing)}")
-        step = spartan["step"]
-        if isinstance(step, bool) or not isinstance(step, (int, numbers.Integral)) or step < 0:
-            raise ValueError(f"malformed 'spartan' entry: step must be an integer >= 0, got "
-                             f"{step!r}")
-        record = check_record(spartan["last_record"])
-        frozen = spartan.get("frozen", record.frozen)
-        if not isinstance(frozen, bool):
-            raise ValueError(f"malformed 'spartan' entry: frozen must be a bool, got {frozen!r}")
-        parsed = self.updater.check_state(spartan["updater"])
-        self._check_model_matches(record, frozen, version)
-        self.optimizer.load_state_dict(state_dict)
-        self.updater.apply_state(parsed)
-        self._step = int(step)
-        if frozen and not self.updater.frozen:  # a version-1 checkpoint: no 'frozen' buffers
-            for r in self.updater.refs:
-                r.mask.is_frozen = True
-                r.mask.frozen.fill_(True)
-        self.last_record = record
-
-    def _check_model_matches(self, record: StepRecord, frozen: bool, version: Any) -> None:
-        """The model's masks must be those the checkpoint was taken with."""
-        flags = {bool(r.mask.is_frozen) for r in self.updater.refs}
-        if len(flags) > 1:
-            raise ValueError("the model's masks are partly frozen (a partial model state dict?); "
-                             "load model.state_dict() of the checkpoint first")
-        if version != 1 and flags != {frozen}:
-            raise ValueError(
-                f"the checkpoint's masks are {'' if frozen else 'not '}frozen but the model's "
-                f"are{'' if flags == {True} else ' not'}: load model.state_dict() of the same "
-                f"checkpoint before opt.load_state_dict()"
-            )
+        entry = parse_optimizer_entry(spartan)
+        parsed = self.updater.check_state(entry.updater)
         refs = self.updater.refs
         kept = torch.stack([r.mask.hard_mask.sum() for r in refs]).tolist()
-        density = sum(k * r.mask.block_numel for k, r in zip(kept, refs, strict=True)) / (
-            self.updater.masked_numel)
-        if abs(density - record.density) > 1e-9:
-            raise ValueError(
-                f"the model's masks keep a fraction {density:.6g} of the masked weights, but "
-                f"the checkpoint's last step kept {record.density:.6g}: load model.state_dict() "
-                f"of the same checkpoint before opt.load_state_dict()"
-            )
-
-    # -- copies and pickles ----------------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        """Everything (``torch.optim.Optimizer`` keeps only the base state): the model, the base
-        optimizer, the schedules and the updater (which rebuilds its couplings when loaded)."""
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
+        check_masks_match(
+            sum(k * r.mask.block_numel for k, r in zip(kept, refs, strict=True))
+            / self.updater.masked_numel,
+            [bool(r.mask.is_frozen) for r in refs], entry)
+        self.optimizer.load_state_dict(state_dict)
+        self.updater.apply_state(parsed)
+        self._step = entry.step
+        if entry.frozen and not self.updater.frozen:  # version 1: no 'frozen' buffers
+            for r in refs:
+                r.mask.is_frozen = True
+                r.mask.frozen.fill_(True)
+        self.last_record = entry.last_record
 
     def __repr__(self) -> str:
         return (
@@ -496,51 +372,3 @@ class DualAveraging(torch.optim.Optimizer):
     def masked_names(self) -> list[str]:
         """Qualified names of the masked tensors, in the order the optimizer treats them."""
         return self.updater.names
-
-
-def _from_version_1(spartan: dict[str, Any]) -> dict[str, Any]:
-    """A release-0.1 ``"spartan"`` entry in the current layout."""
-    return {
-        "step": spartan["step"],
-        "frozen": spartan["frozen"],
-        "last_record": spartan["last_record"],
-        "updater": {
-            "layers": spartan["layers"],
-            "couplings": [{"layers": p["layers"], "slope": p["total_slope"]}
-                          for p in spartan.get("problems", []) if len(p["layers"]) > 1],
-            "hints": spartan.get("hints", []),
-            "last_record": spartan["last_record"],
-        },
-    }
-
-
-def _check_base_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
-    """The checks ``torch.optim.Optimizer.load_state_dict`` makes, before anything changes."""
-    if set(state_dict) != {"state", "param_groups"}:
-        raise ValueError(
-            f"the base optimizer's state dict must have the keys 'state' and 'param_groups', got "
-            f"{sorted(state_dict)}; pass DualAveraging.state_dict() (or the base optimizer's)"
-        )
-    groups, state = state_dict["param_groups"], state_dict["state"]
-    if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
-        raise ValueError("malformed optimizer state dict: 'param_groups' must be a list and "
-                         "'state' a dict")
-    ours = optimizer.param_groups
-    if len(groups) != len(ours):
-        raise ValueError(f"the state dict has {len(groups)} parameter groups, the optimizer "
-                         f"{len(ours)}: it comes from another optimizer setup")
-    ids = set()
-    for k, (g, mine) in enumerate(zip(groups, ours, strict=True)):
-        if not isinstance(g, Mapping) or not isinstance(g.get("params"), (list, tuple)):
-            raise ValueError(f"malformed optimizer state dict: parameter group {k} has no "
-                             f"'params' list")
-        if len(g["params"]) != len(mine["params"]):
-            raise ValueError(
-                f"parameter group {k} of the state dict has {len(g['params'])} parameters, the "
-                f"optimizer's {len(mine['params'])}: it comes from another model or optimizer"
-            )
-        ids.update(g["params"])
-    unknown = [k for k in state if k not in ids]
-    if unknown:
-        raise ValueError(f"the state dict has state for parameters {unknown[:3]} that are in no "
-                         f"parameter group")

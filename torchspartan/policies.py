@@ -42,6 +42,8 @@ __all__ = [
     "MaskedTensor",
     "Uniform",
     "UnitCost",
+    "check_allocations",
+    "normalise_costs",
 ]
 
 
@@ -341,3 +343,59 @@ def normalise_costs(raw: Sequence[float], sizes: Sequence[int],
                          f"weights; scale them down; {fix}")
     scale = sum(sizes) / total
     return [c * scale for c in costs]
+
+
+def check_allocations(policy: AllocationPolicy, tensors: Sequence[MaskedTensor],
+                      allocs: Any) -> list[Allocation]:
+    """``policy.allocate``'s result for ``tensors``, checked and as plain Python numbers.
+
+    Raises:
+        TypeError / ValueError: not a list of :class:`Allocation`, a tensor index out of range or
+            used twice, a tensor without a budget, a density outside ``[0, 1]``, or a group that
+            the tensor's shape cannot take (each naming the policy and the allocation).
+    """
+    if isinstance(allocs, Allocation) or not isinstance(allocs, (list, tuple)):
+        raise TypeError(f"{policy!r}.allocate must return a list of ts.Allocation, got "
+                        f"{type(allocs).__name__}")
+    n = len(tensors)
+    seen: set[int] = set()
+    for a in allocs:
+        if not isinstance(a, Allocation):
+            raise TypeError(f"{policy!r}.allocate must return ts.Allocation objects, "
+                            f"got {type(a).__name__}")
+        ok = isinstance(a.tensors, (list, tuple)) and all(
+            isinstance(i, (int, numbers.Integral)) and not isinstance(i, bool)
+            for i in a.tensors)
+        bad = not ok or any(not (0 <= i < n) or i in seen for i in a.tensors)
+        dens_ok = isinstance(a.density, (int, float, numbers.Real)) and 0.0 <= a.density <= 1.0
+        if bad or not a.tensors or len(set(a.tensors)) < len(a.tensors) or not dens_ok:
+            raise ValueError(
+                f"{policy!r}.allocate returned {a!r}: tensor indices must be integers "
+                f"in [0, {n}), each used once, density in [0, 1] (a number)"
+            )
+        if a.group is not None:
+            _check_group(policy, tensors, a)
+        seen.update(int(i) for i in a.tensors)
+    if len(seen) != n:
+        missing = [tensors[i].name for i in range(n) if i not in seen][:3]
+        raise ValueError(f"{policy!r}.allocate left tensors without a budget: "
+                         f"{missing}; every masked tensor needs one allocation")
+    # plain Python numbers from here on (a policy may compute with numpy)
+    return [Allocation(tuple(int(i) for i in a.tensors), float(a.density),
+                       None if a.group is None else int(a.group)) for a in allocs]
+
+
+def _check_group(policy: AllocationPolicy, tensors: Sequence[MaskedTensor], a: Allocation) -> None:
+    g = a.group
+    if isinstance(g, bool) or not isinstance(g, (int, numbers.Integral)) or g < 1:
+        raise ValueError(f"{policy!r}.allocate returned {a!r}: group must be an integer "
+                         f">= 1 (the N:M group length) or None")
+    for i in a.tensors:
+        t = tensors[i]
+        if t.block is not None or len(t.shape) < 2 or t.shape[1] % g or t.input_dim != 1:
+            raise ValueError(
+                f"{policy!r}.allocate returned {a!r}, but {t.name} of shape {t.shape} "
+                f"(block {t.block}, input dim {t.input_dim}) cannot be grouped by {g} along "
+                f"dim 1: groups need an unstructured mask, input along dim 1, and dim 1 a "
+                f"multiple of the group"
+            )
