@@ -76,14 +76,15 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     where the max-norm is several times slower); a finite tensor whose norm overflows is told
     apart by an exact check that runs only then.
     """
-    ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).tolist()
+    with torch.no_grad():
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).tolist()
     return [good or bool(torch.isfinite(t).all()) for good, t in zip(ok, tensors, strict=True)]
 
 
 # -- the masked weights and gradients --------------------------------------------------------
 def check_weights(refs: Sequence[MaskRef], step: int = 0) -> None:
     """Raise ``ValueError`` naming the first masked weight holding NaN/Inf (one host sync)."""
-    ok = finite_flags([r.theta.detach() for r in refs])
+    ok = finite_flags([r.theta for r in refs])
     for r, good in zip(refs, ok, strict=True):
         if not good:
             raise ValueError(
@@ -99,14 +100,13 @@ def check_finite_before(refs: Sequence[MaskRef], t: int) -> None:
         ValueError: naming the first tensor with a sparse or non-finite gradient, or a
             non-finite weight.
     """
-    tensors = [r.theta.detach() for r in refs]
+    tensors = [r.theta for r in refs]
     grads = [r.theta.grad for r in refs]
     for r, g in zip(refs, grads, strict=True):
         if g is not None and g.layout != torch.strided:
             raise ValueError(f"{r.name} has a sparse gradient ({g.layout}); a masked "
                              f"weight needs a dense one (e.g. nn.Embedding(sparse=False))")
-    tensors += [g if g is not None else r.theta.detach() for r, g in zip(refs, grads,
-                                                                           strict=True)]
+    tensors += [g if g is not None else r.theta for r, g in zip(refs, grads, strict=True)]
     ok = finite_flags(tensors)
     n = len(refs)
     for i, r in enumerate(refs):

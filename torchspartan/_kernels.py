@@ -49,18 +49,20 @@ def _tau_view(spec: MaskSpec, tau: torch.Tensor) -> torch.Tensor:
     return tau.unsqueeze(-1) if spec.group is not None else tau
 
 
+@torch.no_grad()
 def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = None) -> torch.Tensor:
-    """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape."""
+    """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape
+    (no autograd history: computed without the ``detach`` op per call)."""
     tau = spec.tau if tau is None else tau
-    v = block_reduce(theta.detach().abs(), spec.sizes)
+    v = block_reduce(theta.abs(), spec.sizes)
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
     if spec.group is None:
         # the same rounding as the batched path of coupling.py: |theta| * (beta/c) - beta*tau
         z = torch.mul(v, (spec.beta / spec.cost).to(v.dtype), out=v)
-        return torch.sigmoid_(z.add_((-spec.beta * tau.detach()).to(v.dtype)))
+        return torch.sigmoid_(z.add_((-spec.beta * tau).to(v.dtype)))
     rows = to_rows(v, spec.group)
-    z = (rows / spec.cost - _tau_view(spec, tau.detach())).mul_(spec.beta).to(v.dtype)
+    z = (rows / spec.cost - _tau_view(spec, tau)).mul_(spec.beta).to(v.dtype)
     return from_rows(torch.sigmoid_(z), v.shape, spec.group)
 
 

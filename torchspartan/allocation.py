@@ -20,7 +20,7 @@ from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, so
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
-from torchspartan.mask import SpartanMask
+from torchspartan.mask import SpartanMask, update_masks
 from torchspartan.sparsify import MaskRef
 
 __all__ = ["AllocationSolver", "bind"]
@@ -50,6 +50,8 @@ class AllocationSolver:
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
+        # per packed run: the flat hard mask last written, and the views the masks got of it
+        self.written: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._new_couplings: list[Coupling] = []
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
@@ -82,14 +84,25 @@ class AllocationSolver:
         out, self._new_couplings = self._new_couplings, []
         return out
 
+    @torch.no_grad()
     def units(self, i: int) -> torch.Tensor:
         """``block_sum(|theta|) / entry cost`` of mask ``i``, flat, float32 (float64 stays)."""
-        r = self.refs[i]
-        v = block_reduce(r.theta.detach().abs(), r.mask.spec().sizes)
+        return self.packed_units([i])
+
+    @torch.no_grad()
+    def packed_units(self, run: Sequence[int]) -> torch.Tensor:
+        """:meth:`units` of masks with one entry cost, one after the other in one flat buffer:
+        one multi-tensor ``abs``, a view per tensor, one copy, one division (no copy for one
+        tensor)."""
+        refs = [self.refs[i] for i in run]
+        absolute = torch._foreach_abs([r.theta for r in refs])
+        flat = [block_reduce(a, r.mask.spec().sizes).reshape(-1) if r.mask.block is not None
+                else a.reshape(-1) for a, r in zip(absolute, refs, strict=True)]
+        v = flat[0] if len(flat) == 1 else torch.cat(flat)
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
-        cost = self.unit_costs[i] * r.mask.block_numel
-        return v.reshape(-1) if cost == 1.0 else v.reshape(-1).div_(cost)
+        cost = self.unit_costs[run[0]] * refs[0].mask.block_numel
+        return v if cost == 1.0 else v.div_(cost)
 
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
         """Runs of consecutive tensors with equal (entry cost, sharpness, dtype), each packed
@@ -110,8 +123,7 @@ class AllocationSolver:
                 keys.append(key)
         pieces = []
         for run, (cost, scale, _) in zip(runs, keys, strict=True):
-            units = [self.units(i) for i in run]
-            flat = units[0] if len(units) == 1 else torch.cat(units)
+            flat = self.packed_units(run)
             pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0))
         return pieces, runs
 
@@ -229,7 +241,7 @@ class AllocationSolver:
         iterations, error = 0, 0.0
         for i in idx:
             r = self.refs[i]
-            rows = to_rows(r.theta.detach().abs(), group)
+            rows = to_rows(r.theta.abs(), group)
             rows = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows
             piece = Piece(rows, beta, 1.0, 0, rowwise=True)
             budget = density * group
@@ -272,15 +284,32 @@ class Pending:
         self.pieces, self.runs, self.budget, self.beta, self.umax = (
             pieces or [], runs or [], budget, beta, umax)
         self.scalars: list[torch.Tensor] = []
+        self.flats: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.threshold: float | None = None  # the hard threshold, when known on the host
         self.solution: SoftSolution | None = None
 
     def set_hard(self, hard: list[torch.Tensor]) -> None:
         refs = self.solver.refs
+        self.flats = []
         for run, h in zip(self.runs, hard, strict=True):
             sizes = [refs[i].mask.hard_mask.numel() for i in run]
             for i, part in zip(run, h.reshape(-1).split(sizes), strict=True):
                 self.hard_of[i] = part.view(refs[i].mask.hard_mask.shape)
+            if len(run) > 1:
+                self.flats.append((tuple(run), h.reshape(-1)))
+
+    def packed(self, old: Sequence[torch.Tensor]
+               ) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]]:
+        """The runs whose new hard masks are views of one flat tensor, each with that tensor
+        and, when ``old`` (every mask's hard mask before the update) are still the views this
+        solver last wrote for the run, the flat tensor of those (else None)."""
+        out = []
+        for run, flat in self.flats:
+            written = self.solver.written.get(run)
+            same = written is not None and all(
+                old[i] is view for i, view in zip(run, written[1], strict=True))
+            out.append((run, flat, written[0] if same and written is not None else None))
+        return out
 
     def check_finite_now(self) -> None:
         if self.umax is not None and not bool(torch.isfinite(self.umax).all()):
@@ -321,6 +350,7 @@ class Pending:
         if self.solution is None:
             for i, m in zip(idx, masks, strict=True):
                 m.update(self.hard_of[i], threshold=m.threshold)
+            self.remember_written()
             return 0, 0.0
         solution = self.solution
         tau_host, err = values.pop(0), values.pop(0)
@@ -336,10 +366,16 @@ class Pending:
             coupling = solver.coupling(idx, solution.slope[0], self.beta, tau_host)
             solver._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
-        for i, m in zip(idx, masks, strict=True):
-            m.update(self.hard_of[i], threshold=solution.tau[0],
-                     beta=self.beta * math.sqrt(m.block_numel), scope=scope, coupling=coupling)
+        update_masks(masks, [self.hard_of[i] for i in idx], threshold=solution.tau[0],
+                     betas=[self.beta * math.sqrt(m.block_numel) for m in masks], scope=scope,
+                     coupling=coupling)
+        self.remember_written()
         return evaluations, err
+
+    def remember_written(self) -> None:
+        """Keep the flat tensors whose views the masks now hold (for the next :meth:`packed`)."""
+        for run, flat in self.flats:
+            self.solver.written[run] = (flat, [self.hard_of[i] for i in run])
 
 
 def bind(coupling: Coupling, masks: Sequence[SpartanMask]) -> None:

@@ -8,10 +8,12 @@ density, a kept fraction of the allocatable masks' cost, which the policy then d
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
-__all__ = ["Budget", "SparsityOf"]
+__all__ = ["Budget", "Counts", "SparsityOf"]
 
 SparsityOf = Literal["masked", "model"]
 
@@ -44,6 +46,7 @@ class Budget:
         theta_ids = {id(r.theta) for r in refs}
         self.total_numel = sum(p.numel() for p in model.parameters())
         self.unmasked_numel = sum(p.numel() for p in model.parameters() if id(p) not in theta_ids)
+        self._ends_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self.allocatable_cost = sum(
             r.theta.numel() * c for r, c in zip(refs, unit_costs, strict=True)
             if r.mask.method != "fixed"
@@ -75,26 +78,66 @@ class Budget:
         return final
 
     # -- what an update kept ---------------------------------------------------------------
-    def counts(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Changed and kept entries of every mask, on the device (read with other values)."""
-        return torch.stack([(h != o).sum() for h, o in zip(new, old, strict=True)]
-                           + [h.sum() for h in new])
+    def _ends(self, run: Sequence[int], device: torch.device) -> torch.Tensor:
+        """The index of each mask's last entry in a flat tensor of the masks ``run``, cached."""
+        key = (tuple(run), device)
+        ends = self._ends_cache.get(key)
+        if ends is None:
+            sizes = [self.refs[i].mask.hard_mask.numel() for i in run]
+            ends = torch.tensor(list(itertools.accumulate(sizes)), device=device) - 1
+            self._ends_cache[key] = ends
+        return ends
 
-    def record(self, old: Sequence[torch.Tensor], counts: list[float] | None, step: int,
-               target: float, beta: float, iterations: int, error: float,
+    def counts(self, old: Sequence[torch.Tensor], new: Sequence[torch.Tensor],
+               packed: Sequence[tuple[Sequence[int], torch.Tensor, torch.Tensor | None]] = ()
+               ) -> Counts:
+        """Changed and kept entries of every mask, on the device (read with other values).
+
+        ``packed``: runs of masks whose new hard masks are consecutive views of one flat
+        tensor, with the flat tensor of their old ones when those were views of one too
+        (``None`` otherwise): their counts take a few ops per run instead of three per mask.
+        """
+        n = len(self.refs)
+        in_run = {i for run, _, _ in packed for i in run}
+        changed: list[torch.Tensor] = []
+        weights: list[int] = []
+        kept_parts: list[torch.Tensor] = []
+        order: list[int] = []
+        for run, flat, flat_old in packed:
+            b = self.refs[run[0]].mask.block_numel
+            if flat_old is not None:
+                changed.append(torch.ne(flat, flat_old).sum())
+                weights.append(b)
+            else:
+                changed += [(new[i] != old[i]).sum() for i in run]
+                weights += [self.refs[i].mask.block_numel for i in run]
+            kept_parts.append(_segment_sums(flat, self._ends(run, flat.device)))
+            order += list(run)
+        rest = [i for i in range(n) if i not in in_run]
+        changed += [(new[i] != old[i]).sum() for i in rest]
+        weights += [self.refs[i].mask.block_numel for i in rest]
+        if rest:
+            kept_parts.append(torch.stack([new[i].sum() for i in rest]))
+            order += rest
+        kept = kept_parts[0] if len(kept_parts) == 1 else torch.cat(kept_parts)
+        values = torch.cat([torch.stack(changed).to(kept.dtype), kept]).to(torch.float64)
+        return Counts(values, weights, order)
+
+    def record(self, old: Sequence[torch.Tensor], counted: tuple[float, list[float]] | None,
+               step: int, target: float, beta: float, iterations: int, error: float,
                collapsed: set[str]) -> StepRecord:
         """The :class:`StepRecord` of an update from the masks before it (``old``) to the
-        masks' current ones (``counts``: :meth:`counts` already read, or None to count now).
+        masks' current ones (``counted``: the changed entries and the kept ones per mask, from
+        :meth:`Counts.read`, or None to count now).
 
         Warns once per tensor (remembered in ``collapsed``) when a mask keeps no entry.
         """
-        block = [r.mask.block_numel for r in self.refs]
-        if counts is None:
-            counts = self.counts(old, [r.mask.hard_mask for r in self.refs]).tolist()
-        n = len(self.refs)
-        changed = sum(c * b for c, b in zip(counts[:n], block, strict=True))
-        kept = sum(c * b for c, b in zip(counts[n:], block, strict=True))
-        for r, c in zip(self.refs, counts[n:], strict=True):
+        if counted is None:
+            counts = self.counts(old, [r.mask.hard_mask for r in self.refs])
+            counted = counts.read(counts.values.tolist())
+        changed, kept_each = counted
+        kept = sum(c * r.mask.block_numel for c, r in zip(kept_each, self.refs, strict=True))
+        for r, c in zip(self.refs, kept_each, strict=True):
             if c == 0 and r.name not in collapsed:
                 collapsed.add(r.name)
                 warnings.warn(
@@ -106,6 +149,39 @@ class Budget:
         return StepRecord(step, kept / self.masked_numel, target, beta, iterations, error,
                           changed / self.masked_numel, False)
 
+
+@dataclass(frozen=True)
+class Counts:
+    """Changed and kept entries of the masks as one device vector, to be read with the other
+    values of a step (one host sync for all); :meth:`read` makes host numbers of it.
+
+    Attributes:
+        values: float64 ``[changed, per group..., kept, per mask in order...]``.
+        weights: the block size of each changed group (entries per hard-mask entry).
+        order: the mask index of each kept entry.
+    """
+
+    values: torch.Tensor
+    weights: list[int]
+    order: list[int]
+
+    def read(self, values: Sequence[float]) -> tuple[float, list[float]]:
+        """``(changed weight entries, kept hard-mask entries of every mask)`` from ``values``
+        (this object's :attr:`values`, read on the host)."""
+        g = len(self.weights)
+        changed = sum(c * w for c, w in zip(values[:g], self.weights, strict=True))
+        kept = [0.0] * len(self.order)
+        for i, k in zip(self.order, values[g:], strict=True):
+            kept[i] = k
+        return changed, kept
+
+
+def _segment_sums(flat: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Kept entries of each consecutive segment of the bool ``flat`` (``ends``: the index of
+    each segment's last entry): one cumulative sum and a gather at the ends, exact integers."""
+    dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    at = flat.reshape(-1).cumsum(0, dtype=dtype).index_select(0, ends)
+    return torch.diff(at, prepend=at.new_zeros(1)).to(torch.int64)
 
 def _caller_level() -> int:
     """``stacklevel`` of the first frame outside torchspartan and torch (the user's call)."""

@@ -160,19 +160,22 @@ class _Info:
     hards: list[torch.Tensor]
 
 
+@torch.no_grad()
 def _soft_masks(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``m = sigmoid(beta * |theta| / c - beta * tau)`` of every tensor: four multi-tensor ops."""
-    m = list(torch._foreach_abs([t.detach() for t in thetas]))
+    """``m = sigmoid(beta * |theta| / c - beta * tau)`` of every tensor: four multi-tensor ops
+    (no autograd history, without a ``detach`` op per tensor)."""
+    m = list(torch._foreach_abs(list(thetas)))
     torch._foreach_mul_(m, info.batched.scales)
     torch._foreach_add_(m, info.batched.offset)
     torch._foreach_sigmoid_(m)
     return m
 
 
+@torch.no_grad()
 def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     m = _soft_masks(info, thetas)
     torch._foreach_mul_(m, info.hards)
-    torch._foreach_mul_(m, [t.detach() for t in thetas])
+    torch._foreach_mul_(m, list(thetas))
     return m
 
 
@@ -193,11 +196,12 @@ class _BatchedWeights(torch.autograd.Function):
         return tuple(_batched_forward(info, thetas))
 
     @staticmethod
+    @torch.no_grad()
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
         info: _Info = ctx.info
         beta, scales, slope = info.batched.beta, info.batched.scales, info.slope
-        thetas = [t.detach() for t in ctx.thetas]
+        thetas = list(ctx.thetas)
         grads = tuple(g.to(t.dtype) for g, t in zip(grads, thetas, strict=True))
         a = _soft_masks(info, thetas)
         out = list(torch._foreach_mul(grads, a))  # g m

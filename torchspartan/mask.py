@@ -29,7 +29,7 @@ from torchspartan._blocks import block_mul, block_reduce, block_sizes
 from torchspartan._kernels import MaskedWeight, MaskSpec, Scope, soft_mask
 from torchspartan.coupling import Coupling
 
-__all__ = ["Method", "SpartanMask", "entry_problems"]
+__all__ = ["Method", "SpartanMask", "entry_problems", "update_masks"]
 
 Method = Literal["spartan", "topkast", "gmp", "fixed"]
 _METHODS = ("spartan", "topkast", "gmp", "fixed")
@@ -152,12 +152,7 @@ class SpartanMask(nn.Module):
                 ``"shared"``: with ``coupling``; ``"none"``: ``tau`` treated as a constant).
             coupling: the :class:`~torchspartan.coupling.Coupling` of a shared budget.
         """
-        if hard_mask.shape != self.hard_mask.shape or hard_mask.dtype != torch.bool:
-            raise ValueError(
-                f"hard_mask must be a bool tensor of shape {tuple(self.hard_mask.shape)}, got "
-                f"{hard_mask.dtype} {tuple(hard_mask.shape)}"
-            )
-        self.hard_mask = hard_mask
+        self._check_hard(hard_mask)
         tau = torch.as_tensor(threshold, dtype=torch.float64).to(self.threshold.device)
         if tau.shape == self.threshold.shape:
             self.threshold.copy_(tau)
@@ -166,6 +161,18 @@ class SpartanMask(nn.Module):
         self.beta.fill_(beta)
         if cost is not None:
             self.cost.fill_(cost)
+        self._bind_state(hard_mask, beta, scope, coupling)
+
+    def _check_hard(self, hard_mask: torch.Tensor) -> None:
+        if hard_mask.shape != self.hard_mask.shape or hard_mask.dtype != torch.bool:
+            raise ValueError(
+                f"hard_mask must be a bool tensor of shape {tuple(self.hard_mask.shape)}, got "
+                f"{hard_mask.dtype} {tuple(hard_mask.shape)}"
+            )
+
+    def _bind_state(self, hard_mask: torch.Tensor, beta: float, scope: Scope,
+                    coupling: Coupling | None) -> None:
+        self.hard_mask = hard_mask
         self.soft_active = beta > 0
         if self._coupling is not None and self._coupling is not coupling:
             self._coupling._cache = None
@@ -312,6 +319,27 @@ def _check_block(block: Any) -> tuple[int, ...]:
     if not ok or len(block) == 0 or any(b < 1 for b in block):
         raise ValueError(f"block must be a tuple of positive integer sizes, got {block!r}")
     return tuple(int(b) for b in block)
+
+
+def update_masks(masks: Sequence[SpartanMask], hard_masks: Sequence[torch.Tensor], *,
+                 threshold: torch.Tensor, betas: Sequence[float], scope: Scope = "none",
+                 coupling: Coupling | None = None) -> None:
+    """:meth:`SpartanMask.update` of several masks with one 0-dim ``threshold`` (on their
+    device), each with its beta: the buffer writes are three multi-tensor ops, not two per mask.
+    Every hard mask is checked before anything is written."""
+    for m, h in zip(masks, hard_masks, strict=True):
+        m._check_hard(h)
+    taus = [m.threshold for m in masks]
+    if any(t.shape != () or t.device != threshold.device for t in taus):
+        for m, h, b in zip(masks, hard_masks, betas, strict=True):
+            m.update(h, threshold=threshold, beta=b, scope=scope, coupling=coupling)
+        return
+    torch._foreach_copy_(taus, [threshold] * len(taus))
+    beta_buffers = [m.beta for m in masks]
+    torch._foreach_zero_(beta_buffers)
+    torch._foreach_add_(beta_buffers, [float(b) for b in betas])
+    for m, h, b in zip(masks, hard_masks, betas, strict=True):
+        m._bind_state(h, b, scope, coupling)
 
 
 def entry_problems(state_dict: dict[str, Any], prefix: str,

@@ -249,15 +249,15 @@ class MaskUpdater:
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
-        counts = self.budget.counts(old, new)
+        counts = self.budget.counts(old, new, pending.packed(old))
         n = len(pending.scalars)
-        values = (torch.cat([torch.stack(pending.scalars), counts.to(torch.float64)]).tolist()
-                  if n else counts.tolist())
+        values = (torch.cat([torch.stack(pending.scalars), counts.values]).tolist()
+                  if n else counts.values.tolist())
         iterations, error = pending.commit(values[:n])
         self.couplings += self.solver.take_couplings()
         redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
-        return self.budget.record(old, None if redone else values[n:], step, alloc_density,
-                                  beta, iterations, error, self.collapsed)
+        return self.budget.record(old, None if redone else counts.read(values[n:]), step,
+                                  alloc_density, beta, iterations, error, self.collapsed)
 
     def release(self) -> None:
         """Unbind every coupling (before new ones are made, or when training ends)."""
