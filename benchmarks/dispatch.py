@@ -152,6 +152,21 @@ def _call_site() -> str:
     return first_outside or "outside torchspartan"
 
 
+def _foreach_fallback(func: Any, args: Any) -> int:
+    """For a ``_foreach_*`` op that an accelerator runs one tensor at a time (its lists mix
+    dtypes, or paired tensors differ in shape: off PyTorch's multi-tensor fast route), the
+    number of tensors; else 0 (one launch)."""
+    if not func.__name__.startswith("_foreach_"):
+        return 0
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a
+             and all(isinstance(t, torch.Tensor) for t in a)]
+    if not lists:
+        return 0
+    dtypes = {t.dtype for lst in lists for t in lst}
+    shapes_ok = all(len({lst[k].shape for lst in lists}) == 1 for k in range(len(lists[0])))
+    return 0 if len(dtypes) == 1 and shapes_ok else len(lists[0])
+
+
 class StepCounter(TorchDispatchMode):
     """Counts dispatched aten ops and host syncs, by phase (see the module docstring).
 
@@ -219,7 +234,11 @@ class StepCounter(TorchDispatchMode):
         if func.namespace != "aten":  # e.g. profiler markers of Optimizer.step: no compute
             self.other_ops[self.phase][str(func)] += 1
             return out
-        self.ops[self.phase][str(func)] += 1
+        fallback = _foreach_fallback(func, args)
+        if fallback:  # a multi-tensor op off its fast route: one kernel per tensor
+            self.ops[self.phase][f"{func} (per tensor)"] += fallback
+        else:
+            self.ops[self.phase][str(func)] += 1
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         device_inputs = [t for t in inputs if not self.is_host(t)]
         if func is _ATEN._local_scalar_dense.default:

@@ -57,15 +57,19 @@ class AllocationSolver:
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
                  ) -> Coupling:
         """The coupling of a budget shared by the masks ``idx`` at threshold ``tau``: batched
-        when every mask is unstructured Spartan with one dtype (float32/float64)."""
+        when every mask is Spartan (unstructured or blocks) with one dtype (float32/float64)
+        and one device."""
         masks = [self.refs[i].mask for i in idx]
         thetas = [self.refs[i].theta for i in idx]
         batched = None
-        if all(m.method == "spartan" and m.block is None for m in masks) and len(
+        if all(m.method == "spartan" and m.threshold.dim() == 0 for m in masks) and len(
                 {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
                 torch.float32, torch.float64):
-            scales = [beta / (self.unit_costs[i] * self.refs[i].mask.block_numel) for i in idx]
-            batched = Batched(beta, scales, -(beta * tau))
+            betas = [beta * math.sqrt(self.refs[i].mask.block_numel) for i in idx]
+            costs = [self.unit_costs[i] * self.refs[i].mask.block_numel for i in idx]
+            batched = Batched(betas, [b / c for b, c in zip(betas, costs, strict=True)],
+                              [-(b * tau) for b in betas],
+                              [self.refs[i].mask.spec().sizes for i in idx])
         return Coupling(masks, thetas, slope, batched=batched)
 
     def restore(self, idx: Sequence[int], slope: float) -> Coupling:

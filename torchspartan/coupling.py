@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from torchspartan._blocks import block_mul
+from torchspartan._blocks import block_mul, interleaved
 from torchspartan._kernels import MaskSpec, soft_mask
 
 __all__ = ["Batched", "Coupling"]
@@ -143,14 +143,19 @@ class _SharedThreshold(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class Batched:
-    """Host numbers of a batched segment: one sharpness, ``beta / c`` per tensor, and the
-    offset ``-beta * tau`` (read once per step with the solve's other results, so the forward and
-    backward make no host synchronisation)."""
+    """Host numbers of a batched segment, per tensor: the sharpness ``beta_k``, ``beta_k / c_k``
+    and the offset ``-beta_k * tau`` (read once per step with the solve's other results, so the
+    forward and backward make no host synchronisation), and the block sizes (all 1:
+    unstructured)."""
 
-    beta: float
+    betas: list[float]
     scales: list[float]
-    offset: float
+    offsets: list[float]
+    sizes: list[tuple[int, ...]]
 
+    @property
+    def blocked(self) -> bool:
+        return any(any(b != 1 for b in s) for s in self.sizes)
 
 
 @dataclass(frozen=True)
@@ -162,17 +167,42 @@ class _Info:
 
 @torch.no_grad()
 def _soft_masks(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``m = sigmoid(beta * |theta| / c - beta * tau)`` of every tensor: four multi-tensor ops
+    """``m = sigmoid(beta * block_sum|theta| / c - beta * tau)`` of every tensor: four
+    multi-tensor ops, plus a block sum per tensor for block masks, whose ``thetas`` come in
+    their blocked view (:func:`_blocked_views`) and whose ``m`` keep the blocked grid's shape
     (no autograd history, without a ``detach`` op per tensor)."""
+    b = info.batched
     m = list(torch._foreach_abs(list(thetas)))
-    torch._foreach_mul_(m, info.batched.scales)
-    torch._foreach_add_(m, info.batched.offset)
+    if b.blocked:
+        m = [x.sum(dim=_BLOCK_DIMS[x.dim()], keepdim=True) for x in m]
+    torch._foreach_mul_(m, b.scales)
+    torch._foreach_add_(m, b.offsets)
     torch._foreach_sigmoid_(m)
     return m
 
 
+_BLOCK_DIMS = {2 * n: tuple(range(1, 2 * n, 2)) for n in range(1, 9)}
+
+
+def _blocked_views(info: _Info, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every tensor as ``(n0/b0, b0, n1/b1, b1, ...)``: a block is the odd dims of a grid entry."""
+    return [t.reshape(interleaved(t.shape, s)[0]) for t, s in zip(tensors, info.batched.sizes,
+                                                                 strict=True)]
+
+
 @torch.no_grad()
-def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor], keep: list[torch.Tensor] | None
+                     = None) -> list[torch.Tensor]:
+    """``theta * m * h`` of every tensor; block masks put their soft masks (grid-sized) in
+    ``keep`` when given, for the backward."""
+    if info.batched.blocked:
+        views = _blocked_views(info, thetas)
+        m = _soft_masks(info, views)
+        if keep is not None:
+            keep += [*m, *views]
+        hards = [h.view(x.shape) for h, x in zip(info.hards, m, strict=True)]
+        mh = torch._foreach_mul(m, hards)
+        return [torch.mul(v, x).view(t.shape) for v, x, t in zip(views, mh, thetas, strict=True)]
     m = _soft_masks(info, thetas)
     torch._foreach_mul_(m, info.hards)
     torch._foreach_mul_(m, list(thetas))
@@ -180,29 +210,36 @@ def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor]) -> list[torch.
 
 
 class _BatchedWeights(torch.autograd.Function):
-    """All masked weights of an unstructured segment with one sharpness, with the exact gradient::
+    """All masked weights of a segment of Spartan masks, with the exact gradient::
 
-        dL/dtheta = g m + sign(theta) a beta (g theta / c + G / S),   a = m (1 - m),
-        G = dL/dtau = -beta sum_k sum(a_k g_k theta_k),
+        dL/dtheta = g E(m) + sign(theta) E(dL/dv),   a = m (1 - m),
+        dL/dv = (beta/c) a g_m + beta a G / S,       g_m = block_sum(g theta),
+        G = dL/dtau = -sum_k beta_k sum(a_k g_m,k),
 
-    in multi-tensor ops. It saves no tensors (the weights are Parameters, kept on ``ctx``), so
-    one node serves every forward pass of a step.
+    (E: block expansion; blocks of 1 for unstructured masks) in multi-tensor ops. It saves no
+    tensors (the weights are Parameters, kept on ``ctx``), so one node serves every forward
+    pass of a step.
     """
 
     @staticmethod
     def forward(ctx: Any, info: _Info, *thetas: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.info = info
         ctx.thetas = thetas
-        return tuple(_batched_forward(info, thetas))
+        ctx.m = []  # block masks: their soft masks (grid-sized) and blocked views of theta
+        return tuple(_batched_forward(info, thetas, ctx.m))
 
     @staticmethod
     @torch.no_grad()
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
         info: _Info = ctx.info
-        beta, scales, slope = info.batched.beta, info.batched.scales, info.slope
         thetas = list(ctx.thetas)
         grads = tuple(g.to(t.dtype) for g, t in zip(grads, thetas, strict=True))
+        if info.batched.blocked:
+            n = len(thetas)
+            return (None, *_blocked_backward(info, thetas, list(grads), ctx.m[:n], ctx.m[n:]))
+        # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
+        scales, slope = info.batched.scales, info.slope
+        beta = info.batched.betas[0]
         a = _soft_masks(info, thetas)
         out = list(torch._foreach_mul(grads, a))  # g m
         torch._foreach_addcmul_(a, a, a, value=-1)  # a = m (1 - m)
@@ -210,15 +247,46 @@ class _BatchedWeights(torch.autograd.Function):
         torch._foreach_mul_(t, thetas)  # a g theta
         total = torch.stack([x.sum(dtype=torch.float64) for x in t]).sum()
         g_tau = -beta * total  # dL/dtau, summed over the segment
-        # a saturated segment (S = 0) has no cross term, not a NaN
-        coef = torch.where(slope > 0, g_tau * beta / slope.clamp_min(torch.finfo(slope.dtype).tiny),
-                           torch.zeros_like(g_tau))
         # sign(theta) a ((beta/c) g theta + G beta / S)  ==  (beta/c) a g |theta| + the cross term
         torch._foreach_mul_(t, scales)
-        torch._foreach_mul_(a, coef.to(a[0].dtype))
+        torch._foreach_mul_(a, (_over_slope(g_tau, slope) * beta).to(a[0].dtype))
         torch._foreach_add_(t, a)
         torch._foreach_copy_(a, thetas)
         torch._foreach_sign_(a)
         torch._foreach_mul_(t, a)
         torch._foreach_add_(out, t)
         return (None, *out)
+
+
+def _over_slope(g_tau: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``G / S``; 0 for a saturated segment (``S = 0``: no cross term, not a NaN)."""
+    return torch.where(slope > 0, g_tau / slope.clamp_min(torch.finfo(slope.dtype).tiny),
+                       torch.zeros_like(g_tau))
+
+
+def _blocked_backward(info: _Info, thetas: list[torch.Tensor], grads: list[torch.Tensor],
+                      m: list[torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The backward of :class:`_BatchedWeights` for block masks, in the blocked views, from
+    the forward's soft masks ``m`` and blocked ``views`` of the weights (grid-sized
+    temporaries, a few ops per tensor)."""
+    b = info.batched
+    gv = _blocked_views(info, grads)
+    gt = torch._foreach_mul(gv, views)
+    g_m = [x.sum(dim=_BLOCK_DIMS[x.dim()], keepdim=True) for x in gt]  # dL/dm
+    del gt
+    a = list(torch._foreach_addcmul(m, m, m, value=-1))  # m (1 - m)
+    ga = list(torch._foreach_mul(a, g_m))  # a g_m
+    # sum(x) = 2 sum(max(x, 0)) - sum(|x|), each a multi-tensor 1-norm accumulated in float64:
+    # a few ops for all tensors (the grids are small), as exact as a float64 sum of each
+    absolute = torch.stack(torch._foreach_norm(ga, 1, dtype=torch.float64))
+    positive = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(ga, 0.0), 1,
+                                               dtype=torch.float64))
+    sums = positive.mul_(2).sub_(absolute)
+    g_tau = -(sums * sums.new_tensor(b.betas)).sum()  # dL/dtau
+    torch._foreach_mul_(ga, b.scales)  # (beta/c) a g_m
+    torch._foreach_mul_(a, b.betas)
+    torch._foreach_mul_(a, _over_slope(g_tau, info.slope).to(a[0].dtype))
+    torch._foreach_add_(ga, a)  # dL/dv
+    signs = torch._foreach_sign(views)
+    return [torch.mul(g, mk).addcmul_(sg, dv).view(t.shape)
+            for g, mk, sg, dv, t in zip(gv, m, signs, ga, thetas, strict=True)]
