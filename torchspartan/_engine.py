@@ -206,7 +206,11 @@ def solve_soft(
         tau = -x
         s1, s2 = [], []
         for p, m in zip(pieces, work, strict=True):
-            torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt)).sigmoid_()
+            if p.rowwise or isinstance(p.beta, torch.Tensor):
+                torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt))
+            else:  # beta u - beta tau in one pass
+                torch.add((-p.beta * _tau_of(p, tau)).to(cdt), p.units, alpha=p.beta, out=m)
+            m.sigmoid_()
             a, b = _cost_sums(p, m)
             s1.append(a)
             s2.append(b)
