@@ -70,7 +70,7 @@ def reference_loss(model: nn.Module, masks: list[tuple[str, ts.SpartanMask, torc
 def test_gradient_matches_float64_reference(kind: str) -> None:
     if kind == "conv-cost":
         model = convnet()
-        ts.sparsify(model)
+        ts.sparsify(model, min_density=0.0)  # one global problem (no floor splits it)
         x = torch.randn(5, 1, 7, 7, dtype=torch.float64)
         policy: ts.AllocationPolicy = ts.CostSensitive(x[:1])
     else:
@@ -216,8 +216,10 @@ def test_plain_optimizer_checkpoint_loads_with_warning() -> None:
 def _kept_after_training(policy: ts.AllocationPolicy, block: tuple[int, ...] | None,
                          sparsity: float = 0.85) -> tuple[nn.Module, ts.DualAveraging]:
     model = convnet()
-    ts.sparsify(model, block=(2, 1) if block else None, include=(nn.Conv2d,))
-    ts.sparsify(model, block=block, include=(nn.Linear,))
+    # min_density=0: the budget exactness itself (at 85% the default floors exceed the budget of
+    # this tiny model, and Uniform rounds a 2-block tensor to no block)
+    ts.sparsify(model, block=(2, 1) if block else None, include=(nn.Conv2d,), min_density=0.0)
+    ts.sparsify(model, block=block, include=(nn.Linear,), min_density=0.0)
     opt = make(model, sparsity=sparsity, steps=12, policy=policy)
     train(model, opt, batches(12, (1, 7, 7)))
     return model, opt
@@ -283,7 +285,7 @@ def test_exact_sparsity_erk_and_cost_sensitive() -> None:
 
 def test_sparsity_of_whole_model_compensates() -> None:
     model = mlp(width=16)
-    ts.sparsify(model, exclude=[r"^4$"])
+    ts.sparsify(model, exclude=[r"^4$"], min_density=0.0)  # 4 weights left: below the floors
     opt = make(model, sparsity=0.8, sparsity_of="model")
     train(model, opt, batches(20, (6,)))
     ts.finalize(model)
@@ -298,7 +300,7 @@ def test_sparsity_of_whole_model_compensates() -> None:
 
 def test_min_max_density_bounds() -> None:
     model = mlp()
-    ts.sparsify(model, names=r"^[02]$")
+    ts.sparsify(model, names=r"^[02]$", min_density=0.0)  # the default floors would not fit
     ts.sparsify(model, names=r"^4$", min_density=0.5)
     opt = make(model, sparsity=0.9)
     train(model, opt, batches(20, (6,)))
@@ -501,11 +503,13 @@ def test_issue_usage_resnet18_runs_as_written() -> None:
 
 
 def test_layer_collapse_warns_once_and_min_density_prevents_it() -> None:
-    def build(min_density: float) -> tuple[nn.Module, ts.DualAveraging]:
+    def build(min_density: float | None) -> tuple[nn.Module, ts.DualAveraging]:
         model = mlp()
         with torch.no_grad():
             model[4].weight.mul_(1e-4)  # tiny weights: the global budget drops them all
-        ts.sparsify(model, names=r"^[02]$")
+        # explicit 0 on the others: their default floors (24 of a 25-weight budget) and this
+        # one's would not fit together
+        ts.sparsify(model, names=r"^[02]$", min_density=0.0)
         ts.sparsify(model, names=r"^4$", min_density=min_density)
         return model, make(model, sparsity=0.9, steps=10)
 
@@ -520,6 +524,12 @@ def test_layer_collapse_warns_once_and_min_density_prevents_it() -> None:
         warnings.simplefilter("error")
         train(model, opt, batches(10, (6,)))
     assert masked_kept(model)["4.weight"] == 4  # floor(0.1 * 36 + 0.5)
+    model, opt = build(None)  # the default floor: one entry per output unit, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, batches(10, (6,)))
+    kept = masked_kept(model)
+    assert kept["4.weight"] == 3 and sum(kept.values()) == 25  # 3 outputs; the budget exact
 
 
 def test_dtype_casts_keep_the_mask_scalars_in_float64() -> None:

@@ -13,6 +13,7 @@ and exact through ``m``. What is exact depends on where the threshold's budget l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ Scope = Literal["local", "shared", "none"]
 class MaskSpec:
     """Everything the weight function needs for one layer at one step (no big tensors copied)."""
 
-    method: str  # "spartan", "topkast", "gmp" or "masked" (fine-tuning / fixed)
+    method: str  # "spartan", "topkast", "rigl", "gmp" or "masked" (fine-tuning / fixed)
     sizes: tuple[int, ...]  # block sizes per dim (all 1: unstructured)
     hard: torch.Tensor  # bool, block-grid shape
     beta: torch.Tensor  # 0-dim float64
@@ -38,6 +39,8 @@ class MaskSpec:
     tau: torch.Tensor  # float64 threshold: 0-dim, or one per row of ``group`` entries
     group: int | None  # N:M group length (rows of the problem view), or None
     scope: Scope = "none"
+    backward: torch.Tensor | None = None  # Top-KAST: the backward set B (bool, block grid)
+    grad_sink: Callable[[torch.Tensor], None] | None = None  # RigL: receives dL/dw
 
     @property
     def plain(self) -> bool:
@@ -105,8 +108,12 @@ class MaskedWeight(torch.autograd.Function):
         (theta,) = ctx.saved_tensors
         spec: MaskSpec = ctx.spec
         if not (spec.method == "spartan" and spec.soft):
-            if spec.method == "topkast":
-                return grad, None, None
+            if spec.grad_sink is not None:
+                spec.grad_sink(grad)  # the dense gradient dL/d(theta * h), for RigL's growth
+            if spec.method == "topkast":  # gradients reach the backward set B only
+                if spec.backward is None:
+                    return grad, None, None
+                return block_mul(grad, spec.backward, spec.sizes), None, None
             return block_mul(grad, spec.hard, spec.sizes), None, None
         want_tau = ctx.needs_input_grad[1] and spec.scope == "shared"
         if spec.plain and theta.dtype in (torch.float32, torch.float64) and spec.scope != "local":

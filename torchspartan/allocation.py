@@ -52,6 +52,8 @@ class AllocationSolver:
         self.hints: dict[tuple[int, ...], list[float]] = {}
         # per packed run: the flat hard mask last written, and the views the masks got of it
         self.written: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        # default floors (a density per mask index) that hold in budgets shared with others
+        self.floors: dict[int, float] = {}
         self._new_couplings: list[Coupling] = []
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
@@ -137,15 +139,20 @@ class AllocationSolver:
         free = list(idx)
         budget = density * sum(self.cost(i) for i in idx)
         iterations, error = 0, 0.0
+        shared = len(idx) > 1
+
+        def low(i: int) -> float:
+            return self.min_density(i, shared)
+
         for _ in range(len(idx) + 1):
             if len(free) == 1:
                 m = self.refs[free[0]].mask
                 cap = self.cost(free[0])
-                budget = min(max(budget, m.min_density * cap), m.max_density * cap)
+                budget = min(max(budget, low(free[0]) * cap), m.max_density * cap)
             its, err = self.solve(tuple(free), budget, beta, step)
             iterations += its
             error = max(error, err)
-            if all(self.refs[i].mask.min_density == 0.0 and self.refs[i].mask.max_density == 1.0
+            if all(low(i) == 0.0 and self.refs[i].mask.max_density == 1.0
                    for i in free) or len(free) == 1:
                 break
             kept = torch.stack([self.refs[i].mask.hard_mask.sum() for i in free]).tolist()
@@ -153,8 +160,8 @@ class AllocationSolver:
             for i, k in zip(free, kept, strict=True):
                 m = self.refs[i].mask
                 d = k * m.block_numel / self.refs[i].theta.numel()
-                if d < m.min_density - 1e-12:
-                    violators.append((i, m.min_density))
+                if d < low(i) - 1e-12:
+                    violators.append((i, low(i)))
                 elif d > m.max_density + 1e-12:
                     violators.append((i, m.max_density))
             if not violators:
@@ -167,6 +174,12 @@ class AllocationSolver:
                 free.remove(i)
             budget = max(budget, 0.0)
         return iterations, error
+
+    def min_density(self, i: int, shared: bool) -> float:
+        """Mask ``i``'s lower density bound: its ``min_density``, and in a budget ``shared``
+        with other tensors its default floor (``floors``)."""
+        low = self.refs[i].mask.min_density
+        return max(low, self.floors.get(i, 0.0)) if shared else low
 
     def cost(self, i: int) -> float:
         return self.refs[i].theta.numel() * self.unit_costs[i]

@@ -142,8 +142,9 @@ class Budget:
                 collapsed.add(r.name)
                 warnings.warn(
                     f"{r.name}: every entry is pruned at step {step} (layer collapse), so the "
-                    f"layer outputs only its bias; if that is not wanted, give its SpartanMask a "
-                    f"min_density (e.g. ts.sparsify(..., min_density=0.01)) or use ts.ERK()",
+                    f"layer outputs only its bias; if that is not wanted, leave its SpartanMask's "
+                    f"min_density at None (the default floor), give it a min_density > 0 (e.g. "
+                    f"ts.sparsify(..., min_density=0.01)) or use ts.ERK()",
                     stacklevel=_caller_level(),
                 )
         return StepRecord(step, kept / self.masked_numel, target, beta, iterations, error,

@@ -4,7 +4,10 @@ Registered on a weight ``theta``, the layer computes with (docs/design.md, "One 
 
     spartan:  w = theta * m * h   m = sigmoid(beta * (u - tau)) the soft top-k mask,
                                   h the hard top-k mask, straight-through h in the backward
-    topkast:  w = theta * h       identity backward (dual averaging / Top-KAST)
+    topkast:  w = theta * h       backward masked by the larger backward set B (Top-KAST,
+                                  ``backward_mask``, written by :class:`torchspartan.TopKAST`)
+    rigl:     w = theta * h       backward masked by h; on request the backward also hands the
+                                  dense gradient dL/dw to :class:`torchspartan.RigL`
     gmp:      w = theta * h       backward masked by h (gradual magnitude pruning)
     fixed:    w = theta * h       a mask given by the user that never changes
 
@@ -31,20 +34,24 @@ from torchspartan.coupling import Coupling
 
 __all__ = ["Method", "SpartanMask", "entry_problems", "update_masks"]
 
-Method = Literal["spartan", "topkast", "gmp", "fixed"]
-_METHODS = ("spartan", "topkast", "gmp", "fixed")
+Method = Literal["spartan", "topkast", "rigl", "gmp", "fixed"]
+_METHODS = ("spartan", "topkast", "rigl", "gmp", "fixed")
 
 
 class SpartanMask(nn.Module):
     """Sparsity mask of one weight, as a parametrization (see the module docstring).
 
     Args:
-        method: ``"spartan"`` (default), ``"topkast"``, ``"gmp"`` or ``"fixed"``.
+        method: ``"spartan"`` (default), ``"topkast"``, ``"rigl"``, ``"gmp"`` or ``"fixed"``.
         block: block shape over the leading dims of the weight, e.g. ``(16, 16)``; each block is
             kept or dropped whole, scored by the sum of ``|theta|`` in it, costing its size.
             Every block size must divide its dimension.
         mask: for ``method="fixed"``: the bool mask to keep (weight shape, or block-grid shape).
         min_density, max_density: bounds on this tensor's density when it shares a budget.
+            ``min_density=None`` (the default) is the automatic floor: in a budget shared with
+            other tensors this one keeps at least one entry per output unit (one block per block
+            row), so no layer is emptied (docs/design.md, "Floors"); ``0.0`` allows an empty
+            layer.
 
     Raises:
         ValueError: unknown method, a block that does not divide the weight (names both
@@ -72,10 +79,13 @@ class SpartanMask(nn.Module):
         block: Sequence[int] | None = None,
         *,
         mask: torch.Tensor | None = None,
-        min_density: float = 0.0,
+        min_density: float | None = None,
         max_density: float = 1.0,
     ) -> None:
         super().__init__()
+        self.auto_floor = min_density is None  # the default floor (floors.py)
+        if min_density is None:
+            min_density = 0.0
         block = _check_args(method, block, mask, min_density, max_density)
         self.method: str = method
         self.block: tuple[int, ...] | None = block
@@ -92,6 +102,11 @@ class SpartanMask(nn.Module):
         self.register_buffer("beta", torch.zeros((), dtype=torch.float64))
         self.register_buffer("cost", torch.ones((), dtype=torch.float64))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        if method == "topkast":  # the backward set B of Top-KAST (all ones until first written)
+            self.register_buffer("backward_mask", None)
+        # RigL: the dense gradient dL/dw of the backward passes while ``record_grad`` is set
+        self.record_grad = False
+        self.dense_grad: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(self._refresh_flags)
 
     # -- parametrization protocol -------------------------------------------------------
@@ -113,6 +128,9 @@ class SpartanMask(nn.Module):
                 self.hard_mask = m.clone()
             else:
                 self.hard_mask = torch.ones(grid, dtype=torch.bool, device=weight.device)
+        if self.method == "topkast" and (self.backward_mask is None
+                                         or self.backward_mask.shape != self.hard_mask.shape):
+            self.backward_mask = torch.ones_like(self.hard_mask)
         return weight
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
@@ -213,8 +231,40 @@ class SpartanMask(nn.Module):
         group = None
         if self.threshold.dim() == 1:
             group = self.hard_mask.numel() // self.threshold.numel()
+        backward = self.backward_mask if method == "topkast" else None
+        sink = self.add_dense_grad if self.record_grad else None
         return MaskSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
-                        self.threshold, group, self._scope)
+                        self.threshold, group, self._scope, backward, sink)
+
+    # -- the extra state of Top-KAST and RigL ----------------------------------------------
+    @property
+    def coupling(self) -> Coupling | None:
+        """The coupling this mask's threshold is bound to (``None``: none)."""
+        return self._coupling
+
+    def set_backward_mask(self, backward: torch.Tensor) -> None:
+        """Top-KAST: the backward set ``B`` (bool, block-grid shape); gradients reach ``B`` only."""
+        if self.method != "topkast":
+            raise ValueError(f"set_backward_mask is for method='topkast' masks, this one is "
+                             f"method={self.method!r}")
+        if backward.shape != self.hard_mask.shape or backward.dtype != torch.bool:
+            raise ValueError(f"backward must be a bool tensor of shape "
+                             f"{tuple(self.hard_mask.shape)}, got {backward.dtype} "
+                             f"{tuple(backward.shape)}")
+        self.backward_mask = backward
+
+    def add_dense_grad(self, grad: torch.Tensor) -> None:
+        """Accumulate ``dL/dw`` of one backward pass (called by the backward while
+        ``record_grad`` is set; micro-batches add up)."""
+        if self.dense_grad is None:
+            self.dense_grad = grad.detach().clone()
+        else:
+            self.dense_grad.add_(grad.detach())
+
+    def take_dense_grad(self) -> torch.Tensor | None:
+        """The accumulated dense gradient (``None`` if no backward ran), and forget it."""
+        out, self.dense_grad = self.dense_grad, None
+        return out
 
     # -- helpers ------------------------------------------------------------------------
     def _sizes_for(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -275,6 +325,11 @@ class SpartanMask(nn.Module):
                                               device=self.threshold.device)
         if prefix + "frozen" not in state_dict:
             state_dict[prefix + "frozen"] = self.frozen.clone()
+        if self.method == "topkast" and prefix + "backward_mask" not in state_dict:
+            # written before Top-KAST had a backward set (identity backward): B = everything
+            hard = state_dict.get(prefix + "hard_mask", self.hard_mask)
+            if isinstance(hard, torch.Tensor):
+                state_dict[prefix + "backward_mask"] = torch.ones_like(hard, dtype=torch.bool)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _refresh_flags(self, *_: Any) -> None:
@@ -363,6 +418,11 @@ def entry_problems(state_dict: dict[str, Any], prefix: str,
             out.append(f"hard_mask of shape {tuple(hard.shape)} does not fit this mask's "
                        f"{tuple(hard_mask.shape)} (another model, or another block?)")
     grid = hard if hard is not None else hard_mask
+    back = get("backward_mask")  # Top-KAST masks only
+    if back is not None and (back.dtype != torch.bool or (
+            grid is not None and back.shape != grid.shape)):
+        out.append(f"backward_mask must be a bool tensor of the hard mask's shape, got "
+                   f"{back.dtype} of shape {tuple(back.shape)}")
     tau = get("threshold")
     if tau is not None:
         if not tau.is_floating_point() or tau.dim() > 1:

@@ -270,7 +270,7 @@ def sparsify(
     exclude: str | Iterable[str] = (),
     method: Method = "spartan",
     block: Sequence[int] | None = None,
-    min_density: float = 0.0,
+    min_density: float | None = None,
     max_density: float = 1.0,
 ) -> SparsifyResult:
     """Register a :class:`SpartanMask` on the weights of the chosen layers of ``model``.
@@ -288,6 +288,11 @@ def sparsify(
 
     A weight shared with other modules (tied weights) gets one mask, registered at every place
     that holds it. All or nothing: a refused layer leaves the model unchanged.
+
+    ``method``, ``block``, ``min_density`` and ``max_density`` go to every
+    :class:`SpartanMask`. The default ``min_density=None`` keeps at least one entry per output
+    unit (block row) of every tensor that shares a budget (no layer is emptied);
+    ``min_density=0.0`` allows empty layers.
 
     Returns:
         A :class:`SparsifyResult`: the list of the masked tensors' qualified names, e.g.

@@ -23,6 +23,7 @@ from torchspartan.allocation import AllocationSolver, bind
 from torchspartan.bindings import Places, checked_refs
 from torchspartan.budget import Budget, SparsityOf
 from torchspartan.coupling import Coupling
+from torchspartan.floors import check_floors, floor_density, grid_numel
 from torchspartan.mask import SpartanMask
 from torchspartan.policies import (
     Allocation,
@@ -110,10 +111,22 @@ class MaskUpdater:
             for i, r in ((i, self.refs[i]) for i in self.alloc_index)
         ]
         self.solver = AllocationSolver(self.refs, self.unit_costs, reduce)
+        self.solver.floors = self.default_floors()
         self.couplings: list[Coupling] = []
         self.collapsed: set[str] = set()
         self.last_record: StepRecord | None = None
         self._planned: tuple[float, float, float, list[Allocation]] | None = None
+
+    def default_floors(self) -> dict[int, float]:
+        """The default floor (a density; ``floors.py``) of every mask left at
+        ``min_density=None``, by mask index."""
+        return {i: floor_density(t) for i, t in zip(self.alloc_index, self.tensors, strict=True)
+                if self.refs[i].mask.auto_floor}
+
+    def _check_floors(self, allocs: list[Allocation]) -> None:
+        floors = self.solver.floors
+        check_floors(self.tensors, [floors.get(i, 0.0) for i in self.alloc_index], allocs,
+                     [self.solver.min_density(i, True) for i in self.alloc_index])
 
     def check_bindings(self) -> None:
         """Raise ``RuntimeError`` when a mask is no longer where it was at construction
@@ -138,6 +151,9 @@ class MaskUpdater:
         """Raise ``ValueError`` if ``density`` cannot be reached; return the allocatable one."""
         final = self.budget.allocatable(finite_number("density", density))
         self.policy.check(self.tensors, min(final, 1.0))
+        if final < 1.0:
+            self._check_floors(check_allocations(
+                self.policy, self.tensors, self.policy.allocate(self.tensors, final)))
         return final
 
     def validate(self, density: float, beta: float) -> tuple[float, float]:
@@ -160,6 +176,7 @@ class MaskUpdater:
         allocs = (check_allocations(self.policy, self.tensors,
                                     self.policy.allocate(self.tensors, alloc_density))
                   if alloc_density < 1.0 else [])
+        self._check_floors(allocs)
         self._planned = (density, beta, alloc_density, allocs)
         return density, beta
 
@@ -206,9 +223,11 @@ class MaskUpdater:
             if one_solve and not self._bounded(allocs[0]):
                 # the common case: one shared budget, computed, then checked and counted with
                 # one host read, then written (no sync on the way with a sync-free solver)
-                record = self._update_one(allocs[0], beta, step, old, alloc_density)
-                self.last_record = record
-                return record
+                one = self._update_one(allocs[0], beta, step, old, alloc_density)
+                if one is not None:
+                    self.last_record = one
+                    return one
+                # a default floor binds: the bounded solve below (nothing was written)
             for alloc in allocs:
                 idx = tuple(self.alloc_index[j] for j in alloc.tensors)
                 if alloc.group is not None:
@@ -218,6 +237,7 @@ class MaskUpdater:
                 self.couplings += self.solver.take_couplings()
                 iterations += its
                 error = max(error, err)
+            self._drop_stale_couplings()
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
@@ -238,13 +258,32 @@ class MaskUpdater:
         self.last_record = record
         return record
 
+    def _drop_stale_couplings(self) -> None:
+        """A bounded solve re-solves tensors that missed their bounds: the couplings of its
+        earlier passes are no longer bound to their masks; release and forget them."""
+        live = []
+        for c in self.couplings:
+            if all(cast(SpartanMask, m).coupling is c for m in c.masks):
+                live.append(c)
+            else:
+                c.release()
+        self.couplings = live
+
+    def _below_floor(self, kept: list[float]) -> bool:
+        """Whether a mask keeps fewer entries than its default floor (``kept``: per mask)."""
+        for i, low in self.solver.floors.items():
+            t = self.tensors[self.alloc_index.index(i)]
+            if kept[i] < round(low * grid_numel(t)) - 1e-9:
+                return True
+        return False
+
     def _bounded(self, alloc: Allocation) -> bool:
         return any(self.refs[self.alloc_index[j]].mask.min_density > 0.0
                    or self.refs[self.alloc_index[j]].mask.max_density < 1.0
                    for j in alloc.tensors)
 
     def _update_one(self, alloc: Allocation, beta: float, step: int, old: list[torch.Tensor],
-                    alloc_density: float) -> StepRecord:
+                    alloc_density: float) -> StepRecord | None:
         idx = tuple(self.alloc_index[j] for j in alloc.tensors)
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
         pending = self.solver.prepare(idx, budget, beta, step)
@@ -253,9 +292,17 @@ class MaskUpdater:
         n = len(pending.scalars)
         values = (torch.cat([torch.stack(pending.scalars), counts.values]).tolist()
                   if n else counts.values.tolist())
+        floors = len(alloc.tensors) > 1 and bool(self.solver.floors)
+        if floors and self._below_floor(counts.read(values[n:])[1]) and (
+                not pending.scalars or values[0]):
+            return None  # a default floor binds: nothing written, the bounded solve takes over
         iterations, error = pending.commit(values[:n])
         self.couplings += self.solver.take_couplings()
         redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
+        if redone and floors and self._below_floor(
+                [float(r.mask.hard_mask.sum()) for r in self.refs]):
+            self.release()
+            return None
         return self.budget.record(old, None if redone else counts.read(values[n:]), step,
                                   alloc_density, beta, iterations, error, self.collapsed)
 
