@@ -9,6 +9,7 @@ One flat namespace::
     ts.UnitCost, ts.FlopCost, ts.CostModel, ts.CostSensitive        # cost models
     ts.MaskUpdater, ts.StepRecord                                   # the mask update
     ts.DualAveraging                                                # the training step
+    ts.TopKAST, ts.RigL                                             # ... of the baselines
     ts.linear, ts.cosine, ts.constant                               # schedules
     ts.finalize, ts.sparsity_report                                 # finishing
     ts.to_sparse, ts.save_sparse, ts.load_sparse, ts.export_report  # deploying
@@ -43,9 +44,11 @@ from torchspartan.policies import (
     UnitCost,
 )
 from torchspartan.report import SparsityReport, finalize, sparsity_report
+from torchspartan.rigl import RigL
 from torchspartan.schedules import constant, cosine, linear
 from torchspartan.sparsify import MaskRef, find_masks, sparsify
 from torchspartan.topk import SoftTopK, SoftTopKResult, hard_topk, soft_topk
+from torchspartan.topkast import TopKAST
 from torchspartan.update import MaskUpdater, StepRecord
 
 __all__ = [
@@ -60,6 +63,8 @@ __all__ = [
     "save_sparse",
     "to_sparse",
     "NM",
+    "RigL",
+    "TopKAST",
     "Allocation",
     "AllocationPolicy",
     "CostModel",

@@ -72,6 +72,7 @@ class SpartanMask(nn.Module):
     beta: torch.Tensor
     cost: torch.Tensor
     frozen: torch.Tensor
+    backward_mask: torch.Tensor  # method="topkast" only
 
     def __init__(
         self,

@@ -178,6 +178,9 @@ class DualAveraging(WrappedOptimizer):
         0.9
     """
 
+    # the mask methods this optimizer trains; ts.TopKAST and ts.RigL (subclasses) train theirs
+    methods: tuple[str, ...] = ("spartan", "gmp", "fixed")
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -218,6 +221,7 @@ class DualAveraging(WrappedOptimizer):
         self.total_steps = total_steps
         self.check_finite = check_finite
         self.updater = MaskUpdater(model, policy, sparsity_of=sparsity_of)
+        self._check_methods()
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for r in self.updater.refs:
             if id(r.theta) not in in_opt:
@@ -235,7 +239,28 @@ class DualAveraging(WrappedOptimizer):
         self.updater.validate(density_0, beta_0)
         check_weights(self.updater.refs, 0)
         self._step = 0
-        self.last_record: StepRecord = self.updater.update(density_0, beta_0, 0)
+        self.last_record: StepRecord = self._update_masks(0, density_0, beta_0)
+
+    def _check_methods(self) -> None:
+        """Refuse masks of a method another optimizer trains (named, with the fix)."""
+        owner = {"topkast": "ts.TopKAST", "rigl": "ts.RigL", "spartan": "ts.DualAveraging",
+                 "gmp": "ts.DualAveraging"}
+        for r in self.updater.refs:
+            if r.mask.method not in self.methods:
+                raise ValueError(
+                    f"{r.name} has a SpartanMask(method={r.mask.method!r}), which "
+                    f"{type(self).__name__} does not train; build "
+                    f"{owner.get(r.mask.method, 'the optimizer of that method')}(...) instead, or "
+                    f"register masks of a method it trains ({', '.join(self.methods)})"
+                )
+
+    # -- what a method changes in the step (ts.TopKAST and ts.RigL override these) ----------
+    def _update_masks(self, t: int, density: float, beta: float) -> StepRecord:
+        """The mask update after base step ``t`` (``t = 0``: at construction)."""
+        return self.updater.update(density, beta, t)
+
+    def _before_base_step(self, t: int) -> None:
+        """Called after the checks of step ``t``, right before the base optimizer's step."""
 
     @property
     def policy(self) -> AllocationPolicy:
@@ -278,6 +303,7 @@ class DualAveraging(WrappedOptimizer):
                 loss = closure()
         if self.check_finite:
             check_finite_before(self.updater.refs, self._step + 1)
+        self._before_base_step(t)
         self.optimizer.step()
         try:
             if freeze or frozen:  # the masks no longer change: only the step and schedules move
@@ -291,7 +317,7 @@ class DualAveraging(WrappedOptimizer):
                     beta=beta, frozen=True,
                 )
             else:
-                record = self.updater.update(density, beta, t)
+                record = self._update_masks(t, density, beta)
         except Exception as e:
             raise failed_after_base_step(self.updater.refs, self.optimizer, t, e,
                                          self.check_finite) from e
