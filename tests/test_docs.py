@@ -11,7 +11,7 @@ import torch
 torch.set_flush_denormal(True)
 
 MODULES = ["torchspartan.mask", "torchspartan.optim", "torchspartan.report",
-           "torchspartan.schedules"]
+           "torchspartan.schedules", "torchspartan.topkast", "torchspartan.rigl"]
 
 
 @pytest.mark.parametrize("name", MODULES)
