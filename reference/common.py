@@ -30,8 +30,9 @@ __all__ = [
     "warmup_cosine",
 ]
 
-METHODS: tuple[str, ...] = ("dense", "spartan", "topkast", "gmp")
-"""``--method`` values: ``"dense"`` (no mask) or a ``ts.sparsify`` method."""
+METHODS: tuple[str, ...] = ("dense", "spartan", "topkast", "rigl", "gmp")
+"""``--method`` values: ``"dense"`` (no mask) or a ``ts.sparsify`` method (``topkast``: trained
+by ``ts.TopKAST``, ``rigl``: by ``ts.RigL``, the others by ``ts.DualAveraging``)."""
 
 POLICIES: dict[str, Callable[[], ts.AllocationPolicy]] = {
     "global": ts.Global,
@@ -128,7 +129,11 @@ def add_sparsity_options(
         "--method",
         default=method,
         choices=METHODS,
-        help="dense (no mask), spartan, topkast (dual averaging), gmp",
+        help="dense (no mask), spartan, topkast (Top-KAST: ts.TopKAST, sparse from the start, "
+        "backward set of twice the density, exploration penalty = --weight-decay), rigl (RigL: "
+        "ts.RigL, sparse from the start, drop/grow every 100 steps until 75%% of them; use "
+        "--policy erk as in the paper), gmp; topkast and rigl ignore --anneal-fraction, "
+        "--finetune-fraction and --beta-target",
     )
     parser.add_argument(
         "--sparsity",
@@ -157,6 +162,12 @@ def add_sparsity_options(
     )
     parser.add_argument("--beta-target", type=float, default=beta_target, help="final beta")
     parser.add_argument(
+        "--rigl-delta-t",
+        type=int,
+        default=100,
+        help="--method rigl: steps between drop/grow updates (the paper's Delta T)",
+    )
+    parser.add_argument(
         "--anneal-fraction",
         type=float,
         default=anneal_fraction,
@@ -170,20 +181,24 @@ def add_sparsity_options(
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights; none on biases and normalisation layers' parameters.
+def param_groups(
+    model: nn.Module, weight_decay: float, *, masked_decay: bool = True
+) -> list[dict[str, Any]]:
+    """Weight decay on weights; none on biases and normalisation layers' parameters, nor, with
+    ``masked_decay=False``, on masked weights (Top-KAST's exploration penalty replaces it).
 
     Parameters are visited module by module, so a masked weight (held by the parametrization as
     ``parametrizations.weight.original``) is found as the weight it is; works before and after
     ``ts.sparsify``.
     """
+    masked = set() if masked_decay else {id(r.theta) for r in ts.find_masks(model)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if isinstance(module, NORM_TYPES) or name.endswith("bias"):
+            if isinstance(module, NORM_TYPES) or name.endswith("bias") or id(param) in masked:
                 no_decay.append(param)
             else:
                 decay.append(param)
@@ -196,14 +211,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def spartan_optimizer(
     base: torch.optim.Optimizer, model: nn.Module, options: Any, total_steps: int
 ) -> torch.optim.Optimizer:
-    """``base`` itself for ``options.method == "dense"``, else ``ts.DualAveraging`` around it.
+    """``base`` itself for ``options.method == "dense"``; ``ts.TopKAST`` (exploration penalty
+    ``options.weight_decay``: build ``base`` with :func:`param_groups` and
+    ``masked_decay=False``) or ``ts.RigL`` (their defaults otherwise) for those methods; else
+    ``ts.DualAveraging`` around it.
 
     ``options`` carries ``method``, ``policy`` (a key of :data:`POLICIES`), ``sparsity``,
-    ``sparsity_of``, ``beta_target``, ``anneal_fraction`` and ``finetune_fraction`` (the flags
-    of :func:`add_sparsity_options`).
+    ``sparsity_of``, ``beta_target``, ``anneal_fraction``, ``finetune_fraction`` (the flags
+    of :func:`add_sparsity_options`) and ``weight_decay``.
     """
     if options.method == "dense":
         return base
+    if options.method == "topkast":
+        return ts.TopKAST(
+            base,
+            model,
+            sparsity=options.sparsity,
+            total_steps=total_steps,
+            penalty=options.weight_decay,
+            policy=build_policy(options.policy),
+            sparsity_of=options.sparsity_of,
+        )
+    if options.method == "rigl":
+        return ts.RigL(
+            base,
+            model,
+            sparsity=options.sparsity,
+            total_steps=total_steps,
+            policy=build_policy(options.policy),
+            sparsity_of=options.sparsity_of,
+            delta_t=getattr(options, "rigl_delta_t", 100),
+        )
     return ts.DualAveraging(
         base,
         model,

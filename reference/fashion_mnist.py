@@ -7,9 +7,13 @@ the test accuracy, the achieved sparsity and the per-layer sparsity table of the
 
 Training recipe: SGD with Nesterov momentum 0.9, learning rate ``--lr`` with a linear warm-up over
 the first ``--warmup`` fraction of steps then cosine decay to zero, weight decay on conv/linear
-weights only, random horizontal flips. With a sparse ``--method`` the SGD optimizer is wrapped in
-``ts.DualAveraging`` with the library's default schedules: density 1 -> 1 - sparsity over the
-first 20% of steps, beta 1 -> 10, mask frozen for the last 20% (fine-tuning).
+weights only, random horizontal flips. With ``--method spartan`` or ``gmp`` the SGD optimizer is
+wrapped in ``ts.DualAveraging`` with the library's default schedules: density 1 -> 1 - sparsity
+over the first 20% of steps, beta 1 -> 10, mask frozen for the last 20% (fine-tuning). ``--method
+topkast`` wraps it in ``ts.TopKAST`` (sparse from the start, backward set of twice the density,
+exploration penalty ``--weight-decay`` in place of weight decay on the masked weights) and
+``--method rigl`` in ``ts.RigL`` (sparse from the start, drop/grow every ``--rigl-delta-t`` steps
+until 75% of the steps, frozen after; ``--policy erk`` is the paper's allocation).
 
 ``--out results.json`` saves the configuration, the final metrics, the per-layer table and the
 per-step records (density, beta, mask-change fraction) for ``reference/compare.py``'s plots.
@@ -77,7 +81,7 @@ __all__ = [
     "train",
 ]
 
-MethodName = Literal["dense", "spartan", "topkast", "gmp"]
+MethodName = Literal["dense", "spartan", "topkast", "rigl", "gmp"]
 PolicyName = Literal["global", "uniform", "erk", "nm24", "nm14"]
 
 
@@ -103,6 +107,7 @@ class RunConfig:
         beta_target: final sharpness of the soft top-k (Spartan).
         anneal_fraction: fraction of steps over which the density goes from 1 to the target.
         finetune_fraction: last fraction of steps trained with a frozen mask.
+        rigl_delta_t: ``--method rigl``: steps between drop/grow updates.
         epochs: passes over the (sub)set of training images.
         batch_size: training mini-batch size.
         lr: peak learning rate (after warm-up).
@@ -131,6 +136,7 @@ class RunConfig:
     beta_target: float = 10.0
     anneal_fraction: float = 0.2
     finetune_fraction: float = 0.2
+    rigl_delta_t: int = 100
     epochs: int = 3
     batch_size: int = 128
     lr: float = 0.1
@@ -353,7 +359,7 @@ def train(config: RunConfig, progress: bool = True) -> dict[str, Any]:
                 block=config.block,
             )
         sgd = torch.optim.SGD(
-            param_groups(model, config.weight_decay),
+            param_groups(model, config.weight_decay, masked_decay=config.method != "topkast"),
             lr=config.lr,
             momentum=config.momentum,
             nesterov=config.momentum > 0,
@@ -542,6 +548,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         beta_target=args.beta_target,
         anneal_fraction=args.anneal_fraction,
         finetune_fraction=args.finetune_fraction,
+        rigl_delta_t=args.rigl_delta_t,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -39,7 +39,7 @@ def peak_lr(args: argparse.Namespace, global_batch: int) -> float:
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
     """The base optimizer (``--opt``); no weight decay on biases and normalisation layers."""
-    groups = param_groups(model, args.weight_decay)
+    groups = param_groups(model, args.weight_decay, masked_decay=args.method != "topkast")
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=args.nesterov)
     return torch.optim.AdamW(groups, lr=lr)
