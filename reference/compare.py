@@ -1,17 +1,23 @@
 """Compare sparse training methods on Fashion-MNIST: accuracy vs sparsity, and mask dynamics.
 
-Variants: dense; gradual magnitude pruning (gmp), Top-KAST-style dual averaging (topkast) and
-Spartan, all with global allocation; Spartan with uniform and ERK allocation; Spartan with 4x4
-blocks; Spartan with a 2:4 (N:M) pattern. Each unstructured or block variant runs at 90%, 95% and
-98% sparsity of all parameters; a variant whose sparsity is fixed runs at that one only: dense at
-0%, 2:4 at 50% of its masked weights (the pattern's; the stem conv, whose single input channel
-makes no group of 4, stays dense). Every run has the same model, data, epoch budget and seeds (3
-by default); the table reports mean +- std over seeds.
+Variants: dense; gradual magnitude pruning (gmp, global), Top-KAST (``ts.TopKAST``, global), RigL
+(``ts.RigL``, ERK as in its paper) and Spartan (global); Spartan with uniform and ERK allocation;
+Spartan with 4x4 blocks; Spartan with a 2:4 (N:M) pattern. Each unstructured or block variant runs
+at 90%, 95% and 98% sparsity of all parameters, except the 4x4 blocks, counted over their masked
+weights (the stem conv and the fc, which 4 does not divide, stay dense and hold 1466 parameters
+with BatchNorm: 98% of all parameters would leave 89 weights, fewer than one 4x4 block per masked
+conv); a variant whose sparsity is fixed runs at that one only: dense at 0%, 2:4 at 50% of its
+masked weights (the pattern's; the stem conv, whose single input channel makes no group of 4,
+stays dense). Every run has the same model, data (all 60000 training images), epoch budget and
+seeds (3 by default); the table reports mean +- std over seeds. Every sparse method runs with the
+library's default floors (no layer is emptied).
 
 Each run is one ``python -m reference.fashion_mnist`` process (``--threads 1``), ``--jobs`` of them
-at a time, writing ``reference/results/runs/<name>.json``. Runs whose JSON exists are skipped, so
-an interrupted comparison resumes where it stopped, and ``--methods/--sparsities/--seeds`` select
-a subset. Afterwards (or with ``--report-only``) the script writes
+at a time, writing ``reference/results/runs/<name>.json``. Runs whose JSON exists with the same
+settings (training images, epochs, widths) are skipped, so an interrupted comparison resumes where
+it stopped (a JSON of other settings, e.g. the earlier 30000-image runs, is redone), and
+``--methods/--sparsities/--seeds`` select a subset. Afterwards (or with ``--report-only``) the
+script writes
 
 - ``reference/results/fashion_mnist.md``: settings and the mean +- std table,
 - ``reference/results/fashion_mnist.json``: settings, aggregates, per-run summaries and the mean
@@ -20,7 +26,7 @@ a subset. Afterwards (or with ``--report-only``) the script writes
 
 Usage::
 
-    python -m reference.compare --jobs 2            # everything (about an hour on 2 cores)
+    python -m reference.compare --jobs 2            # everything (about 4 CPU-hours)
     python -m reference.compare --methods spartan gmp --sparsities 0.95 --seeds 0
     python -m reference.compare --methods spartan-2:4 --jobs 1   # its own sparsity, 3 seeds
     python -m reference.compare --report-only       # tables and plots from existing runs
@@ -42,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SETTINGS", "VARIANTS", "Run", "Variant", "aggregate", "main", "plan_runs"]
+__all__ = ["SETTINGS", "VARIANTS", "Run", "Variant", "aggregate", "is_done", "main", "plan_runs"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -80,15 +86,28 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant("dense", "dense", ("--method", "dense"), sparsity=0.0),
     Variant("gmp", "GMP (global)", ("--method", "gmp", "--policy", "global")),
-    Variant("topkast", "Top-KAST / dual averaging (global)", ("--method", "topkast")),
+    Variant("topkast", "Top-KAST (global)", ("--method", "topkast", "--policy", "global")),
+    Variant("rigl", "RigL (ERK)", ("--method", "rigl", "--policy", "erk")),
     Variant("spartan", "Spartan (global)", ("--method", "spartan", "--policy", "global")),
     Variant("spartan-uniform", "Spartan (uniform)", ("--method", "spartan", "--policy", "uniform")),
     Variant("spartan-erk", "Spartan (ERK)", ("--method", "spartan", "--policy", "erk")),
     Variant(
         "spartan-4x4",
         "Spartan (global, 4x4 blocks; stem conv and fc unmasked)",
-        # 4 divides neither the stem's single input channel nor the fc's 10 outputs
-        ("--method", "spartan", "--block", "4x4", "--exclude", r"^stem\.", "--exclude", "^fc$"),
+        # 4 divides neither the stem's single input channel nor the fc's 10 outputs; the
+        # sparsity counts the masked convs (see the module docstring)
+        (
+            "--method",
+            "spartan",
+            "--block",
+            "4x4",
+            "--exclude",
+            r"^stem\.",
+            "--exclude",
+            "^fc$",
+            "--sparsity-of",
+            "masked",
+        ),
     ),
     Variant(
         "spartan-2:4",
@@ -115,7 +134,7 @@ SEEDS: tuple[int, ...] = (0, 1, 2)
 
 SETTINGS: dict[str, Any] = {
     "epochs": 3,
-    "train_subset": 30000,
+    "train_subset": None,  # all 60000 training images
     "widths": "16,32,64",
     "batch_size": 128,
     "lr": 0.1,
@@ -174,6 +193,23 @@ def plan_runs(
         for variant in chosen
         for sparsity in (sparsities if variant.sparsity is None else [variant.sparsity])
     ]
+
+
+def is_done(path: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``path`` holds a finished run made with ``settings``' training images, epochs
+    and widths (a run of other settings, e.g. the earlier 30000-image comparison, is redone)."""
+    if not path.exists():
+        return False
+    try:
+        config = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError):
+        return False
+    widths = [int(w) for w in str(settings["widths"]).split(",")]
+    return (
+        config.get("train_subset") == settings.get("train_subset")
+        and config.get("epochs") == settings["epochs"]
+        and list(config.get("widths", [])) == widths
+    )
 
 
 def _execute(run: Run, runs_dir: Path, settings: dict[str, Any]) -> tuple[Run, int, float]:
@@ -275,13 +311,22 @@ def _settings_text(results: list[dict[str, Any]], settings: dict[str, Any]) -> s
     )
     return (
         f"Model: SmallResNet widths {tuple(c['widths'])}, {c['blocks']} block(s) per stage, "
-        f"{results[0]['params']} parameters. Training: {c['epochs']} epochs on a random subset "
-        f"of {results[0]['train_images']} of the 60000 training images (the same subset per "
-        f"seed), batch {c['batch_size']}, SGD Nesterov momentum {c['momentum']}, lr {c['lr']} "
+        f"{results[0]['params']} parameters. Training: {c['epochs']} epochs on "
+        + (
+            f"a random subset of {results[0]['train_images']} of the 60000 training images (the "
+            "same subset per seed)"
+            if c.get("train_subset")
+            else f"all {results[0]['train_images']} training images"
+        )
+        + f", batch {c['batch_size']}, SGD Nesterov momentum {c['momentum']}, lr {c['lr']} "
         f"with {c['warmup']:.0%} warm-up and cosine decay, weight decay {c['weight_decay']} on "
         f"conv/linear weights, random flips. Test: the full {results[0]['test_images']}-image "
         "test set, after `ts.finalize`. Sparse runs use `ts.DualAveraging` defaults (density "
-        "1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen in the last 20%); "
+        "1 -> target over the first 20% of steps, beta 1 -> 10, mask frozen in the last 20%), "
+        "Top-KAST and RigL their own (`ts.TopKAST`: sparse from the start, backward set of "
+        "twice the density, exploration penalty = the weight decay, which the masked weights "
+        "then lack; `ts.RigL`: sparse from the start, drop/grow every 100 steps with alpha 0.3 "
+        "until 75% of the steps, frozen after); all with the default floors (no layer emptied); "
         "sparsity counts all parameters (BatchNorm included)"
         + (
             f", except for {', '.join(masked_of)}, whose target counts the masked weights only"
@@ -517,7 +562,7 @@ def plot_mask_change(curves: dict[str, list[float]], path: Path, window: int = 1
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     total = 0
-    for variant in ("spartan", "topkast", "gmp"):
+    for variant in ("spartan", "topkast", "rigl", "gmp"):
         curve = curves.get(variant)
         if not curve:
             continue
@@ -611,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = plan_runs(args.methods, args.sparsities, args.seeds)
     except ValueError as exc:
         p.error(str(exc))
-    todo = [r for r in runs if not (args.runs_dir / f"{r.name}.json").exists()]
+    todo = [r for r in runs if not is_done(args.runs_dir / f"{r.name}.json", settings)]
     print(f"{len(runs)} runs selected, {len(runs) - len(todo)} already done, {len(todo)} to do")
     if args.dry_run:
         for r in todo:

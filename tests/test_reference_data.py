@@ -359,6 +359,24 @@ def test_compare_plans_and_resumes(tmp_path: Path) -> None:
         plan_runs(["sparta"])
 
 
+def test_compare_redoes_runs_of_other_settings(tmp_path: Path) -> None:
+    import json
+
+    from reference.compare import SETTINGS, VARIANTS, is_done
+
+    names = [v.name for v in VARIANTS]
+    assert names == ["dense", "gmp", "topkast", "rigl", "spartan", "spartan-uniform",
+                     "spartan-erk", "spartan-4x4", "spartan-2:4"]
+    assert SETTINGS["train_subset"] is None  # all 60000 training images
+    path = tmp_path / "rigl-s95-seed0.json"
+    assert not is_done(path, SETTINGS)
+    config = {"train_subset": 30000, "epochs": 3, "widths": [16, 32, 64]}
+    path.write_text(json.dumps({"config": config}))
+    assert not is_done(path, SETTINGS)  # the earlier 30000-image comparison: redone
+    path.write_text(json.dumps({"config": {**config, "train_subset": None}}))
+    assert is_done(path, SETTINGS)
+
+
 # --- N:M (2:4) in the reference scripts (no training) ------------------------------------------
 
 
