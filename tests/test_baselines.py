@@ -319,3 +319,18 @@ def test_explicit_min_density_zero_still_allows_collapse() -> None:
     with pytest.warns(UserWarning, match="layer collapse"):
         train(model, opt, batches(10, (6,)))
     assert masked_kept(model)["4.weight"] == 0
+
+
+def test_a_bounded_solve_leaves_no_stale_coupling_in_the_checkpoint() -> None:
+    # a tensor below its bound is solved alone and the others again: before the fix the first
+    # pass's coupling stayed in the updater, and its state dict could not be loaded back
+    model = small_layer_model()
+    ts.sparsify(model, names=r"^[02]$", min_density=0.0)
+    ts.sparsify(model, names=r"^4$", min_density=0.5)
+    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.05), model, sparsity=0.8,
+                           total_steps=10)
+    train(model, opt, batches(5, (6,)))
+    couplings = opt.state_dict()["spartan"]["updater"]["couplings"]
+    assert [c["layers"] for c in couplings] == [[0, 1]]
+    opt.load_state_dict(opt.state_dict())
+    assert masked_kept(model)["4.weight"] == 24
