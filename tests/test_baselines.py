@@ -104,7 +104,7 @@ def test_rigl_records_the_dense_gradient_only_for_update_steps() -> None:
     masks = [r.mask for r in ts.find_masks(model)]
     armed = []
     for x, y in batches(10, (6,)):
-        armed.append(masks[0].record_grad)
+        armed.append(masks[0].dense_grad.armed)
         opt.zero_grad()
         for half in (slice(0, 4), slice(4, 8)):  # accumulation: micro-batches add up
             nn.functional.cross_entropy(model(x[half]), y[half]).backward()
@@ -112,7 +112,7 @@ def test_rigl_records_the_dense_gradient_only_for_update_steps() -> None:
             assert bool((r.theta.grad[~r.mask.hard_mask] == 0).all())  # masked backward
         opt.step()
     assert armed == [False, False, True, False, False, True, False, False, False, False]
-    assert all(m.dense_grad is None for m in masks)
+    assert all(m.dense_grad.grad is None for m in masks)
 
 
 def test_rigl_initial_masks_are_random_with_the_policys_counts() -> None:
@@ -334,3 +334,17 @@ def test_a_bounded_solve_leaves_no_stale_coupling_in_the_checkpoint() -> None:
     assert [c["layers"] for c in couplings] == [[0, 1]]
     opt.load_state_dict(opt.state_dict())
     assert masked_kept(model)["4.weight"] == 24
+
+
+def test_copies_of_the_optimizers_keep_floors_and_methods() -> None:
+    for method in ("spartan", "topkast", "rigl"):
+        model, opt = build(method)
+        train(model, opt, batches(4, (6,)))
+        twin = copy.deepcopy(opt)
+        assert twin.updater.solver.floors == opt.updater.solver.floors != {}
+        data = batches(5, (6,), seed=3)
+        train(model, opt, data)
+        train(twin.model, twin, data)
+        for a, b in zip(model.state_dict().values(), twin.model.state_dict().values(),
+                        strict=True):
+            assert torch.equal(a, b), method

@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torchspartan.allocation import AllocationSolver
 from torchspartan.policies import Allocation, MaskedTensor
 
-__all__ = ["check_floors", "floor_density", "grid_numel", "output_units"]
+__all__ = ["Floors", "check_floors", "floor_density", "grid_numel", "output_units"]
 
 _ALLOW = ("or allow empty layers explicitly with min_density=0.0 (ts.sparsify(..., "
           "min_density=0.0))")
@@ -89,3 +90,37 @@ def check_floors(tensors: Sequence[MaskedTensor], floors: Sequence[float],
                 f"(sparsity_of='masked'), exclude small layers from the masks, lower the "
                 f"min_density you gave, {_ALLOW}"
             )
+
+
+class Floors:
+    """The default floors of an updater's masks, installed in its solver, and the checks.
+
+    Args:
+        solver: the updater's solver (its ``floors`` are set here; its bounded solve enforces
+            them).
+        tensors: the allocatable masked tensors, as the policy sees them.
+        index: the mask index (in ``solver.refs``) of each of ``tensors``.
+        auto: whether each of ``tensors``' masks was left at ``min_density=None``.
+    """
+
+    def __init__(self, solver: AllocationSolver, tensors: Sequence[MaskedTensor],
+                 index: Sequence[int], auto: Sequence[bool]) -> None:
+        self.solver, self.tensors, self.index = solver, list(tensors), list(index)
+        solver.floors = {i: floor_density(t)
+                         for i, t, a in zip(index, tensors, auto, strict=True) if a}
+        self.counts = {i: round(solver.floors[i] * grid_numel(t))
+                       for i, t in zip(index, tensors, strict=True) if i in solver.floors}
+
+    def check(self, allocations: Sequence[Allocation]) -> None:
+        """:func:`check_floors` for these masks (explicit ``min_density`` values included)."""
+        floors = self.solver.floors
+        check_floors(self.tensors, [floors.get(i, 0.0) for i in self.index], allocations,
+                     [self.solver.min_density(i, True) for i in self.index])
+
+    def below(self, kept: Sequence[float]) -> bool:
+        """Whether a mask keeps fewer entries than its floor (``kept``: per mask index)."""
+        return any(kept[i] < k for i, k in self.counts.items())
+
+    def bind(self, allocation: Allocation) -> bool:
+        """Whether the floors can bind in ``allocation`` (a budget shared by several tensors)."""
+        return len(allocation.tensors) > 1 and bool(self.counts)

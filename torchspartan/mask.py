@@ -6,8 +6,8 @@ Registered on a weight ``theta``, the layer computes with (docs/design.md, "One 
                                   h the hard top-k mask, straight-through h in the backward
     topkast:  w = theta * h       backward masked by the larger backward set B (Top-KAST,
                                   ``backward_mask``, written by :class:`torchspartan.TopKAST`)
-    rigl:     w = theta * h       backward masked by h; on request the backward also hands the
-                                  dense gradient dL/dw to :class:`torchspartan.RigL`
+    rigl:     w = theta * h       backward masked by h; while ``dense_grad`` is armed the
+                                  backward also hands dL/dw to :class:`torchspartan.RigL`
     gmp:      w = theta * h       backward masked by h (gradual magnitude pruning)
     fixed:    w = theta * h       a mask given by the user that never changes
 
@@ -32,7 +32,7 @@ from torchspartan._blocks import block_mul, block_reduce, block_sizes
 from torchspartan._kernels import MaskedWeight, MaskSpec, Scope, soft_mask
 from torchspartan.coupling import Coupling
 
-__all__ = ["Method", "SpartanMask", "entry_problems", "update_masks"]
+__all__ = ["DenseGrad", "Method", "SpartanMask", "entry_problems", "update_masks"]
 
 Method = Literal["spartan", "topkast", "rigl", "gmp", "fixed"]
 _METHODS = ("spartan", "topkast", "rigl", "gmp", "fixed")
@@ -105,9 +105,7 @@ class SpartanMask(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         if method == "topkast":  # the backward set B of Top-KAST (all ones until first written)
             self.register_buffer("backward_mask", None)
-        # RigL: the dense gradient dL/dw of the backward passes while ``record_grad`` is set
-        self.record_grad = False
-        self.dense_grad: torch.Tensor | None = None
+        self.dense_grad = DenseGrad()  # RigL: dL/dw of the backward passes while armed
         self.register_load_state_dict_post_hook(self._refresh_flags)
 
     # -- parametrization protocol -------------------------------------------------------
@@ -233,7 +231,7 @@ class SpartanMask(nn.Module):
         if self.threshold.dim() == 1:
             group = self.hard_mask.numel() // self.threshold.numel()
         backward = self.backward_mask if method == "topkast" else None
-        sink = self.add_dense_grad if self.record_grad else None
+        sink = self.dense_grad.add if self.dense_grad.armed else None
         return MaskSpec(method, sizes, self.hard_mask, self.beta, self.cost, self.soft_active,
                         self.threshold, group, self._scope, backward, sink)
 
@@ -253,19 +251,6 @@ class SpartanMask(nn.Module):
                              f"{tuple(self.hard_mask.shape)}, got {backward.dtype} "
                              f"{tuple(backward.shape)}")
         self.backward_mask = backward
-
-    def add_dense_grad(self, grad: torch.Tensor) -> None:
-        """Accumulate ``dL/dw`` of one backward pass (called by the backward while
-        ``record_grad`` is set; micro-batches add up)."""
-        if self.dense_grad is None:
-            self.dense_grad = grad.detach().clone()
-        else:
-            self.dense_grad.add_(grad.detach())
-
-    def take_dense_grad(self) -> torch.Tensor | None:
-        """The accumulated dense gradient (``None`` if no backward ran), and forget it."""
-        out, self.dense_grad = self.dense_grad, None
-        return out
 
     # -- helpers ------------------------------------------------------------------------
     def _sizes_for(self, shape: Sequence[int]) -> tuple[int, ...]:
@@ -396,6 +381,26 @@ def update_masks(masks: Sequence[SpartanMask], hard_masks: Sequence[torch.Tensor
     torch._foreach_add_(beta_buffers, [float(b) for b in betas])
     for m, h, b in zip(masks, hard_masks, betas, strict=True):
         m._bind_state(h, b, scope, coupling)
+
+
+class DenseGrad:
+    """RigL's dense gradient ``dL/dw`` of one mask: while ``armed``, the mask's backward adds
+    the gradient of each pass (micro-batches sum up); :meth:`take` hands it over and forgets it."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.grad: torch.Tensor | None = None
+
+    def add(self, grad: torch.Tensor) -> None:
+        if self.grad is None:
+            self.grad = grad.detach().clone()
+        else:
+            self.grad.add_(grad.detach())
+
+    def take(self) -> torch.Tensor | None:
+        """The accumulated gradient (``None`` if no backward ran since the last take)."""
+        out, self.grad = self.grad, None
+        return out
 
 
 def entry_problems(state_dict: dict[str, Any], prefix: str,

@@ -14,7 +14,7 @@ For masks registered with ``method="rigl"`` (docs/design.md, "Top-KAST and RigL"
   of every tensor, hence the budget, stays exact;
 - from ``T_end`` on the masks are frozen (the fine-tuning phase of ``DualAveraging``).
 
-The dense gradient comes from the masks' own backward (``SpartanMask.record_grad``, armed only for
+The dense gradient comes from the masks' own backward (``SpartanMask.dense_grad``, armed only for
 the backward passes of update steps, micro-batches summed; all-reduced over ranks when
 ``torch.distributed`` is initialised): no second forward. Block masks score blocks by the sums of
 ``|theta|`` and ``|dL/dw|`` over each block.
@@ -173,9 +173,9 @@ class RigL(DualAveraging):
         want = self.is_update_step(t)
         for r in self.updater.refs:
             if r.mask.method == "rigl":
-                r.mask.record_grad = want
+                r.mask.dense_grad.armed = want
                 if not want:
-                    r.mask.take_dense_grad()
+                    r.mask.dense_grad.take()
 
     # -- the mask updates ------------------------------------------------------------------
     @torch.no_grad()
@@ -206,7 +206,7 @@ class RigL(DualAveraging):
         fraction = self.drop_fraction(t)
         changed = 0
         for r in self._rigl_refs():
-            grad = r.mask.take_dense_grad()
+            grad = r.mask.dense_grad.take()
             if grad is None:  # no backward reached this tensor: nothing to grow by
                 continue
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -233,7 +233,7 @@ class RigL(DualAveraging):
         super().zero_grad(set_to_none)
         for r in self.updater.refs:
             if r.mask.method == "rigl":
-                r.mask.take_dense_grad()
+                r.mask.dense_grad.take()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         super().load_state_dict(state_dict)

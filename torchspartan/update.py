@@ -23,7 +23,7 @@ from torchspartan.allocation import AllocationSolver, bind
 from torchspartan.bindings import Places, checked_refs
 from torchspartan.budget import Budget, SparsityOf
 from torchspartan.coupling import Coupling
-from torchspartan.floors import check_floors, floor_density, grid_numel
+from torchspartan.floors import Floors
 from torchspartan.mask import SpartanMask
 from torchspartan.policies import (
     Allocation,
@@ -41,7 +41,7 @@ from torchspartan.state import (
     parse_updater_state,
 )
 
-__all__ = ["MaskUpdater", "StepRecord"]
+__all__ = ["MaskUpdater", "StepRecord", "live_couplings"]
 
 
 class MaskUpdater:
@@ -111,22 +111,12 @@ class MaskUpdater:
             for i, r in ((i, self.refs[i]) for i in self.alloc_index)
         ]
         self.solver = AllocationSolver(self.refs, self.unit_costs, reduce)
-        self.solver.floors = self.default_floors()
+        self.floors = Floors(self.solver, self.tensors, self.alloc_index,
+                             [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings: list[Coupling] = []
         self.collapsed: set[str] = set()
         self.last_record: StepRecord | None = None
         self._planned: tuple[float, float, float, list[Allocation]] | None = None
-
-    def default_floors(self) -> dict[int, float]:
-        """The default floor (a density; ``floors.py``) of every mask left at
-        ``min_density=None``, by mask index."""
-        return {i: floor_density(t) for i, t in zip(self.alloc_index, self.tensors, strict=True)
-                if self.refs[i].mask.auto_floor}
-
-    def _check_floors(self, allocs: list[Allocation]) -> None:
-        floors = self.solver.floors
-        check_floors(self.tensors, [floors.get(i, 0.0) for i in self.alloc_index], allocs,
-                     [self.solver.min_density(i, True) for i in self.alloc_index])
 
     def check_bindings(self) -> None:
         """Raise ``RuntimeError`` when a mask is no longer where it was at construction
@@ -152,7 +142,7 @@ class MaskUpdater:
         final = self.budget.allocatable(finite_number("density", density))
         self.policy.check(self.tensors, min(final, 1.0))
         if final < 1.0:
-            self._check_floors(check_allocations(
+            self.floors.check(check_allocations(
                 self.policy, self.tensors, self.policy.allocate(self.tensors, final)))
         return final
 
@@ -176,7 +166,7 @@ class MaskUpdater:
         allocs = (check_allocations(self.policy, self.tensors,
                                     self.policy.allocate(self.tensors, alloc_density))
                   if alloc_density < 1.0 else [])
-        self._check_floors(allocs)
+        self.floors.check(allocs)
         self._planned = (density, beta, alloc_density, allocs)
         return density, beta
 
@@ -237,7 +227,7 @@ class MaskUpdater:
                 self.couplings += self.solver.take_couplings()
                 iterations += its
                 error = max(error, err)
-            self._drop_stale_couplings()
+            self.couplings = live_couplings(self.couplings)
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
@@ -258,25 +248,6 @@ class MaskUpdater:
         self.last_record = record
         return record
 
-    def _drop_stale_couplings(self) -> None:
-        """A bounded solve re-solves tensors that missed their bounds: the couplings of its
-        earlier passes are no longer bound to their masks; release and forget them."""
-        live = []
-        for c in self.couplings:
-            if all(cast(SpartanMask, m).coupling is c for m in c.masks):
-                live.append(c)
-            else:
-                c.release()
-        self.couplings = live
-
-    def _below_floor(self, kept: list[float]) -> bool:
-        """Whether a mask keeps fewer entries than its default floor (``kept``: per mask)."""
-        for i, low in self.solver.floors.items():
-            t = self.tensors[self.alloc_index.index(i)]
-            if kept[i] < round(low * grid_numel(t)) - 1e-9:
-                return True
-        return False
-
     def _bounded(self, alloc: Allocation) -> bool:
         return any(self.refs[self.alloc_index[j]].mask.min_density > 0.0
                    or self.refs[self.alloc_index[j]].mask.max_density < 1.0
@@ -292,14 +263,14 @@ class MaskUpdater:
         n = len(pending.scalars)
         values = (torch.cat([torch.stack(pending.scalars), counts.values]).tolist()
                   if n else counts.values.tolist())
-        floors = len(alloc.tensors) > 1 and bool(self.solver.floors)
-        if floors and self._below_floor(counts.read(values[n:])[1]) and (
+        floors = self.floors.bind(alloc)
+        if floors and self.floors.below(counts.read(values[n:])[1]) and (
                 not pending.scalars or values[0]):
             return None  # a default floor binds: nothing written, the bounded solve takes over
         iterations, error = pending.commit(values[:n])
         self.couplings += self.solver.take_couplings()
         redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
-        if redone and floors and self._below_floor(
+        if redone and floors and self.floors.below(
                 [float(r.mask.hard_mask.sum()) for r in self.refs]):
             self.release()
             return None
@@ -383,7 +354,7 @@ class MaskUpdater:
         """Without the couplings (autograd nodes) and the solver: rebuilt from the model and
         :meth:`state_dict` when loaded (``copy.deepcopy``, ``pickle``)."""
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("refs", "solver", "couplings", "_planned", "places")}
+                 if k not in ("refs", "solver", "couplings", "_planned", "places", "floors")}
         state["_updater_state"] = self.state_dict()
         return state
 
@@ -393,6 +364,21 @@ class MaskUpdater:
         self.refs = checked_refs(self.model)
         self.places = Places(self.model)
         self.solver = AllocationSolver(self.refs, self.unit_costs, self.reduce)
+        self.floors = Floors(self.solver, self.tensors, self.alloc_index,
+                             [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings = []
         self._planned = None
         self.load_state_dict(saved)
+
+
+def live_couplings(couplings: list[Coupling]) -> list[Coupling]:
+    """The couplings still bound to all their masks; the others are released. A bounded solve
+    re-solves tensors that missed their bounds, which leaves its earlier passes' couplings
+    unbound: kept, they would be saved in the checkpoint next to the new ones."""
+    live = []
+    for c in couplings:
+        if all(cast(SpartanMask, m).coupling is c for m in c.masks):
+            live.append(c)
+        else:
+            c.release()
+    return live
