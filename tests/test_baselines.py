@@ -348,3 +348,17 @@ def test_copies_of_the_optimizers_keep_floors_and_methods() -> None:
         for a, b in zip(model.state_dict().values(), twin.model.state_dict().values(),
                         strict=True):
             assert torch.equal(a, b), method
+
+
+def test_floors_on_the_sync_free_path_give_the_synchronous_masks() -> None:
+    model = small_layer_model()
+    ts.sparsify(model)
+    twin = copy.deepcopy(model)
+    sync, free = ts.MaskUpdater(model), ts.MaskUpdater(twin)
+    free.solver.sync_free = True  # the CUDA default, forced on the CPU
+    for density, beta in [(0.5, 2.0), (0.2, 3.0), (0.1, 4.0), (0.1, 4.5)]:
+        ra, rb = sync.update(density, beta), free.update(density, beta)
+        assert ra.density == rb.density
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), a.name
+    assert masked_kept(model)["4.weight"] == 3  # the floor binds at density 0.1
