@@ -142,8 +142,13 @@ class MaskUpdater:
         final = self.budget.allocatable(finite_number("density", density))
         self.policy.check(self.tensors, min(final, 1.0))
         if final < 1.0:
-            self.floors.check(check_allocations(
-                self.policy, self.tensors, self.policy.allocate(self.tensors, final)))
+            try:
+                allocs = check_allocations(self.policy, self.tensors,
+                                           self.policy.allocate(self.tensors, final))
+            except (TypeError, ValueError):
+                allocs = None  # refused by validate() at the step that asks for them
+            if allocs is not None:
+                self.floors.check(allocs)
         return final
 
     def validate(self, density: float, beta: float) -> tuple[float, float]:
