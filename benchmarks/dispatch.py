@@ -412,7 +412,7 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
     model = build_model(name).to(device).train()
     names: list[str] = []
     if label == "spartan":
-        names = sparsify_model(model, spec)
+        names = sparsify_model(model, spec, args.min_density)
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     opt: torch.optim.Optimizer = base
     if label == "spartan":
@@ -504,7 +504,10 @@ def render(res: dict[str, Any]) -> str:
         "density and beta strictly between their endpoints, the hard masks change every step). "
         + ("Mask update: the sync-free path (selection and warm-started Newton decided on the "
            "device, the default on CUDA), forced on this CPU." if res['args'].get('sync_free')
-           else "Mask update: the CPU path (the default off CUDA)."),
+           else "Mask update: the CPU path (the default off CUDA).")
+        + (" Masks: the library's default floors (at least one entry per output unit or block "
+           "row of every tensor in a shared budget)." if res['args'].get('min_density') is None
+           else f" Masks: `min_density={res['args']['min_density']}` (no default floors)."),
         "- ResNet-50: every Conv2d and the fc masked, unstructured, 95% sparsity, beta target 10. "
         "ViT-B/16: 16x16 blocks on the encoder's Linear layers and MHA in_proj (conv_proj and "
         "heads dense), 90% sparsity, beta target 20 x sqrt(256).",
@@ -598,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-free", action="store_true",
                     help="count the mask update's sync-free path (the CUDA default) on the CPU")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-density", type=float, default=None,
+                    help="min_density of every mask (default: the library's default floors)")
     ap.add_argument("--device", default="cpu",
                     help="cpu (syncs emulated, see the docstring) or an accelerator")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")

@@ -66,13 +66,16 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(SPECS)}")
 
 
-def sparsify_model(model: nn.Module, spec: ModelSpec) -> list[str]:
+def sparsify_model(model: nn.Module, spec: ModelSpec,
+                   min_density: float | None = None) -> list[str]:
+    """The masks of ``spec`` (``min_density``: None keeps the library's default floors)."""
     if spec.name.startswith("vit"):
         # 16x16 blocks on the encoder's linear layers (MLP, attention out_proj) and the MHA
         # in_proj; the patch embedding (conv_proj) and the classifier (heads) stay dense.
         return ts.sparsify(model, include=(nn.Linear, nn.MultiheadAttention), names=r"^encoder\.",
-                           exclude=[r"conv_proj", r"^heads"], block=spec.block)
-    return ts.sparsify(model)  # every Conv2d and the Linear classifier
+                           exclude=[r"conv_proj", r"^heads"], block=spec.block,
+                           min_density=min_density)
+    return ts.sparsify(model, min_density=min_density)  # every Conv2d and the Linear classifier
 
 
 class _Shifted:

@@ -263,6 +263,12 @@ def test_device_selection_is_exact_or_says_so() -> None:
     u = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0)).abs()
     mask, _, ok = select_on_device(u, 50_000)
     assert bool(ok) and int(mask.sum()) == 50_000
+    # heavy ties straddling the boundary are decided on the device too, by position as the host
+    # selection decides them
+    tied = (torch.randn(300_000, generator=torch.Generator().manual_seed(1)).abs() * 4).round()
+    mask, threshold, ok = select_on_device(tied, 123_457)
+    exact, t = select_top_budget([tied], [1.0], 123_457.0)
+    assert bool(ok) and torch.equal(mask, exact[0]) and float(threshold) == t
 
 
 def test_sync_free_updates_give_the_synchronous_masks() -> None:

@@ -365,7 +365,7 @@ def select_flat(
 
 
 # Bins of the key histogram of select_on_device (one per float32 value in the window).
-_KEY_BINS = 1 << 20
+_KEY_BINS = 1 << 22
 
 
 def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -375,11 +375,12 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
     The same window idea as :func:`select_top_budget`, decided on the device: a strided sample
     (sorted on the device) brackets the boundary; one histogram of the float32 bit patterns inside
     the bracket (non-negative floats order like their bits, so every bin is one exact value)
-    gives the exact threshold ``T``; the mask is ``units >= T``. Four passes over ``units``.
+    gives the exact threshold ``T``; the mask keeps the entries above ``T`` and, of those equal
+    to ``T``, the first ones by position up to ``count`` (the host selection's order). About
+    eight passes over ``units`` (most of them over bools).
 
     Returns ``(mask, threshold, ok)``, all on the device. ``ok`` is False when the answer may be
-    wrong: the bracket missed the boundary or is wider than the histogram, or entries tied at
-    ``T`` straddle the boundary (then ties must go by position, which this path does not do).
+    wrong: the bracket missed the boundary or is wider than the histogram.
     The caller reads ``ok`` with its other results and redoes the selection with
     :func:`select_top_budget` when it is False.
     """
@@ -396,14 +397,19 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
     key_hi = sample[hi_i].view(torch.int32)
     # bins: 0 below the window, 1.._KEY_BINS one key each from key_lo up, the last above it
     idx = (keys - key_lo + 1).clamp_(0, _KEY_BINS + 1)
-    counts = torch.zeros(_KEY_BINS + 2, dtype=torch.int64, device=units.device).index_add_(
-        0, idx, torch.ones(1, dtype=torch.int64, device=units.device).expand(n))
+    count_dtype = torch.int32 if n < 2**31 else torch.int64
+    counts = torch.zeros(_KEY_BINS + 2, dtype=count_dtype, device=units.device).index_add_(
+        0, idx, torch.ones(1, dtype=count_dtype, device=units.device).expand(n))
     at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[j]: entries in bins >= j
     j = (at_least[1:_KEY_BINS + 1] >= count).sum()  # the bin of the count-th largest key
     threshold_key = key_lo + j - 1
-    exact = at_least.index_select(0, j.reshape(1))[0] == count  # no tie at T straddles it
-    ok = (at_least[_KEY_BINS + 1] < count) & (at_least[1] >= count) & (j >= 1) & exact & (
+    ok = (at_least[_KEY_BINS + 1] < count) & (at_least[1] >= count) & (j >= 1) & (
         key_hi - key_lo < _KEY_BINS)
-    mask = keys >= threshold_key
+    # entries tied at T may straddle the boundary: keep the first of them (by position, as
+    # the host selection does) up to the count, with a running count of the ties
+    need = count - at_least.index_select(0, (j + 1).reshape(1))[0]  # ties kept at T
+    tied = keys == threshold_key
+    mask = (keys > threshold_key).logical_or_(
+        tied.logical_and_(tied.cumsum(0, dtype=count_dtype) <= need))
     threshold = threshold_key.to(torch.int32).view(torch.float32).to(torch.float64)
     return mask, threshold, ok

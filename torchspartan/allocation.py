@@ -166,13 +166,59 @@ class AllocationSolver:
                     violators.append((i, m.max_density))
             if not violators:
                 break
+            its, err = self.solve_each([i for i, _ in violators],
+                                       [bound * self.cost(i) for i, bound in violators], beta)
+            iterations += its
+            error = max(error, err)
             for i, bound in violators:
-                its, err = self.solve((i,), bound * self.cost(i), beta, step)
-                iterations += its
-                error = max(error, err)
                 budget -= bound * self.cost(i)
                 free.remove(i)
             budget = max(budget, 0.0)
+        return iterations, error
+
+    def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
+                   ) -> tuple[int, float]:
+        """Masks ``idx[k]``, each alone with its budget ``budgets[k]`` (tensors held at a density
+        bound), as one problem of one segment per tensor: one selection call and one Newton
+        solve for all of them (not one each); writes the masks, each with its own threshold."""
+        total = [self.cost(i) for i in idx]
+        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
+                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
+        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
+            self.solve((i,), b, beta)
+        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
+        if not rest:
+            return 0, 0.0
+        refs = [self.refs[i] for i, _ in rest]
+        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
+                        self.unit_costs[i] * r.mask.block_numel, k)
+                  for k, (i, r) in enumerate(zip([i for i, _ in rest], refs, strict=True))]
+        umax = torch.stack([p.units.amax() for p in pieces]).double()
+        if not bool(torch.isfinite(umax).all()):
+            Pending(self, tuple(i for i, _ in rest), 0, {}, pieces=pieces,
+                    runs=[[i] for i, _ in rest]).raise_non_finite()
+        hard, _ = hard_select(pieces, [b for _, b in rest])
+        grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, refs, strict=True)]
+        soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
+        iterations, error = 0, 0.0
+        if soft:
+            sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
+                   for j, k in enumerate(soft)]
+            warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
+                       for k in soft)
+            solution = solve_soft(
+                sub, torch.tensor([rest[k][1] for k in soft], dtype=torch.float64,
+                                  device=umax.device),
+                unit_max=umax[soft], reduce=self.reduce,
+                tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)
+            iterations, error = solution.evaluations, float(solution.error.max())
+            for j, k in enumerate(soft):
+                refs[k].mask.update(grids[k], threshold=solution.tau[j],
+                                    beta=beta * math.sqrt(refs[k].mask.block_numel),
+                                    scope="local")
+        for k, r in enumerate(refs):
+            if r.mask.method != "spartan":
+                r.mask.update(grids[k], threshold=r.mask.threshold)
         return iterations, error
 
     def min_density(self, i: int, shared: bool) -> float:
