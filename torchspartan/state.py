@@ -30,6 +30,7 @@ __all__ = [
     "check_record",
     "parse_optimizer_entry",
     "parse_updater_state",
+    "updater_entry",
 ]
 
 # The layout of MaskUpdater.state_dict(); entries without a version (release 0.2.0) read as 1.
@@ -108,6 +109,21 @@ class UpdaterState:
     hints: dict[tuple[int, ...], list[float]]
     collapsed: set[str]
     last_record: StepRecord | None
+
+
+def updater_entry(fingerprint: list[list[Any]], couplings: list[tuple[list[int], float]],
+                  hints: Mapping[tuple[int, ...], list[float]], collapsed: set[str],
+                  last_record: StepRecord | None) -> dict[str, Any]:
+    """A :meth:`MaskUpdater.state_dict` entry: plain numbers, strings and lists (what
+    :func:`parse_updater_state` reads)."""
+    return {
+        "version": UPDATER_STATE_VERSION,
+        "layers": fingerprint,
+        "couplings": [{"layers": layers, "slope": slope} for layers, slope in couplings],
+        "hints": [[list(k), list(v)] for k, v in hints.items()],
+        "collapsed": sorted(collapsed),
+        "last_record": asdict(last_record) if last_record else None,
+    }
 
 
 def parse_updater_state(state: Any, fingerprint: list[list[Any]]) -> UpdaterState:

@@ -12,7 +12,7 @@ Solving one allocation is the job of :class:`~torchspartan.allocation.Allocation
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -35,13 +35,13 @@ from torchspartan.policies import (
 )
 from torchspartan.sparsify import input_dim
 from torchspartan.state import (
-    UPDATER_STATE_VERSION,
     StepRecord,
     UpdaterState,
     parse_updater_state,
+    updater_entry,
 )
 
-__all__ = ["MaskUpdater", "StepRecord", "live_couplings"]
+__all__ = ["MaskUpdater", "StepRecord", "live_couplings", "solve_all"]
 
 
 class MaskUpdater:
@@ -110,12 +110,16 @@ class MaskUpdater:
                          input_dim(r.module, r.tensor_name))
             for i, r in ((i, self.refs[i]) for i in self.alloc_index)
         ]
-        self.solver = AllocationSolver(self.refs, self.unit_costs, reduce)
+        self.collapsed: set[str] = set()
+        self.last_record: StepRecord | None = None
+        self._attach()
+
+    def _attach(self) -> None:
+        """What works on the masks found (rebuilt when a copy or a pickle is loaded)."""
+        self.solver = AllocationSolver(self.refs, self.unit_costs, self.reduce)
         self.floors = Floors(self.solver, self.tensors, self.alloc_index,
                              [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings: list[Coupling] = []
-        self.collapsed: set[str] = set()
-        self.last_record: StepRecord | None = None
         self._planned: tuple[float, float, float, list[Allocation]] | None = None
 
     def check_bindings(self) -> None:
@@ -209,7 +213,6 @@ class MaskUpdater:
         old = [r.mask.hard_mask for r in self.refs]
         bound, hints = self.couplings, dict(self.solver.hints)
         self.release()
-        iterations, error = 0, 0.0
         try:
             if alloc_density >= 1.0:
                 for i in self.alloc_index:
@@ -223,30 +226,19 @@ class MaskUpdater:
                     self.last_record = one
                     return one
                 # a default floor binds: the bounded solve below (nothing was written)
-            for alloc in allocs:
-                idx = tuple(self.alloc_index[j] for j in alloc.tensors)
-                if alloc.group is not None:
-                    its, err = self.solver.solve_rows(idx, alloc.density, alloc.group, beta)
-                else:
-                    its, err = self.solver.solve_bounded(idx, alloc.density, beta, step)
-                self.couplings += self.solver.take_couplings()
-                iterations += its
-                error = max(error, err)
+            iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
+                                          self.couplings)
             self.couplings = live_couplings(self.couplings)
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
             for made in self.couplings + self.solver.take_couplings():
                 made.release()
-            self.couplings = []
             self.solver.hints = hints
-            for i, r in enumerate(self.refs):
-                if r.mask.hard_mask is not old[i]:
-                    break
-            else:
-                for coupling in bound:
-                    bind(coupling, [cast(SpartanMask, m) for m in coupling.masks])
-                self.couplings = bound
+            unchanged = all(r.mask.hard_mask is o for r, o in zip(self.refs, old, strict=True))
+            self.couplings = bound if unchanged else []
+            for coupling in self.couplings:
+                bind(coupling, [cast(SpartanMask, m) for m in coupling.masks])
             raise
         record = self.budget.record(old, None, step, alloc_density, beta, iterations, error,
                                     self.collapsed)
@@ -312,17 +304,10 @@ class MaskUpdater:
         """Plain numbers and lists: hints, couplings (their slopes), record. The masks' own
         state (hard masks, thresholds, betas, frozen) is in ``model.state_dict()``."""
         index = {id(r.mask): i for i, r in enumerate(self.refs)}
-        return {
-            "version": UPDATER_STATE_VERSION,
-            "layers": self.fingerprint(),
-            "couplings": [
-                {"layers": [index[id(m)] for m in c.masks], "slope": float(c.slope)}
-                for c in self.couplings
-            ],
-            "hints": [[list(k), list(v)] for k, v in self.solver.hints.items()],
-            "collapsed": sorted(self.collapsed),
-            "last_record": asdict(self.last_record) if self.last_record else None,
-        }
+        return updater_entry(
+            self.fingerprint(),
+            [([index[id(m)] for m in c.masks], float(c.slope)) for c in self.couplings],
+            self.solver.hints, self.collapsed, self.last_record)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (the model's masks must be loaded already).
@@ -368,11 +353,7 @@ class MaskUpdater:
         self.__dict__.update(state)
         self.refs = checked_refs(self.model)
         self.places = Places(self.model)
-        self.solver = AllocationSolver(self.refs, self.unit_costs, self.reduce)
-        self.floors = Floors(self.solver, self.tensors, self.alloc_index,
-                             [self.refs[i].mask.auto_floor for i in self.alloc_index])
-        self.couplings = []
-        self._planned = None
+        self._attach()
         self.load_state_dict(saved)
 
 
@@ -387,3 +368,20 @@ def live_couplings(couplings: list[Coupling]) -> list[Coupling]:
         else:
             c.release()
     return live
+
+
+def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: list[int],
+              beta: float, step: int, couplings: list[Coupling]) -> tuple[int, float]:
+    """Solve every allocation with ``solver`` (N:M rows, or a bounded shared budget), adding the
+    couplings made to ``couplings``; returns the Newton evaluations and the budget error."""
+    iterations, error = 0, 0.0
+    for alloc in allocs:
+        idx = tuple(alloc_index[j] for j in alloc.tensors)
+        if alloc.group is not None:
+            its, err = solver.solve_rows(idx, alloc.density, alloc.group, beta)
+        else:
+            its, err = solver.solve_bounded(idx, alloc.density, beta, step)
+        couplings += solver.take_couplings()
+        iterations += its
+        error = max(error, err)
+    return iterations, error
