@@ -12,11 +12,13 @@ One flat namespace::
     ts.TopKAST, ts.RigL                                             # ... of the baselines
     ts.linear, ts.cosine, ts.constant                               # schedules
     ts.finalize, ts.sparsity_report                                 # finishing
+    ts.sharded_state_dict, ts.load_sharded_state_dict               # FSDP2 checkpoints (DCP)
     ts.to_sparse, ts.save_sparse, ts.load_sparse, ts.export_report  # deploying
 
 docs/design.md in the repository explains the maths and who owns which state.
 """
 
+from torchspartan.dcp import load_sharded_state_dict, sharded_state_dict
 from torchspartan.export import (
     CheckpointInfo,
     ExportReport,
@@ -88,6 +90,8 @@ __all__ = [
     "find_masks",
     "hard_topk",
     "linear",
+    "load_sharded_state_dict",
+    "sharded_state_dict",
     "soft_topk",
     "sparsify",
     "sparsity_report",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from torchspartan.distributed import is_sharded, sharded_finite_flags
 from torchspartan.sparsify import MaskRef
 
 __all__ = [
@@ -76,6 +77,8 @@ def finite_flags(tensors: list[torch.Tensor]) -> list[bool]:
     where the max-norm is several times slower); a finite tensor whose norm overflows is told
     apart by an exact check that runs only then.
     """
+    if any(is_sharded(t) for t in tensors):  # FSDP2 shards: every rank gets the same flags
+        return sharded_finite_flags(tensors)
     with torch.no_grad():
         ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors, 2))).tolist()
     return [good or bool(torch.isfinite(t).all()) for good, t in zip(ok, tensors, strict=True)]

@@ -178,7 +178,10 @@ def solve_soft(
             piece, in piece order), if the caller knows it; saves one pass.
         tol: relative budget tolerance.
         max_iter: most evaluations.
-        reduce: applied to every vector of segment sums (an all-reduce when sharded).
+        reduce: applied to every vector of segment sums and to the segments' total costs (an
+            all-reduce when the entries are sharded over ranks: then every rank passes the same
+            pieces, empty where it holds none of one, and ``unit_max`` over all ranks; the cold
+            start is the bracket's midpoint, the same on every rank).
         check: test convergence (host syncs); ``False`` runs exactly ``max_iter`` evaluations
             and leaves the check of ``error`` to the caller.
     """
@@ -187,6 +190,8 @@ def solve_soft(
     index = _segment_index(pieces, device)
     total = _total_cost(pieces, index, num_segments)
     reduce_ = reduce if reduce is not None else (lambda t: t)
+    if reduce is not None:  # sharded: the costs of every rank's entries
+        total = reduce(total)
     cdt = pieces[0].units.dtype
     if unit_max is None:
         unit_max = torch.cat([
@@ -221,7 +226,10 @@ def solve_soft(
         sums = reduce_(sums)
         return sums[0] - budgets, sums[1]
 
-    if tau_init is None:
+    if tau_init is None and reduce is not None:
+        # sharded: the sampled cold start would differ by rank; start from the bracket
+        tau0 = 0.5 * (tau_lo + tau_hi)
+    elif tau_init is None:
         tau0 = _cold_start(pieces, budgets, total, index, num_segments, tau_lo, tau_hi)
     else:
         tau0 = tau_init.to(torch.float64)

@@ -85,6 +85,10 @@ class AllocationSolver:
         bind(c, masks)
         return c
 
+    def freeze(self, i: int) -> None:
+        """Fine-tuning: fold ``theta <- theta * m * h`` into mask ``i``'s weight, freeze it."""
+        self.refs[i].mask.freeze(self.refs[i].theta)
+
     def take_couplings(self) -> list[Coupling]:
         """The couplings made since the last call (the caller owns and releases them)."""
         out, self._new_couplings = self._new_couplings, []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from torchspartan.distributed import ORDER, is_sharded
 from torchspartan.sparsify import MaskRef, allow_pickle, check_place, find_masks
 
 __all__ = ["Places", "checked_refs"]
@@ -116,6 +117,13 @@ class Places:
                 gone.append((module, name))
         if not gone:
             return
+        for module, name in gone:  # sharded after the optimizer was built
+            plist = getattr(module, "parametrizations", None)
+            now = getattr(plist[name], "original", None) if plist and name in plist else None
+            if is_sharded(now) and not any(is_sharded(p[3]) for p in self.places):
+                raise RuntimeError(f"the model was sharded (fully_shard) after the optimizer was "
+                                   f"built, so the masks hold the unsharded weights; build in the "
+                                   f"order {ORDER}")
         if not find_masks(self.model):
             raise RuntimeError(
                 "the model was finalized (ts.finalize); its masks are gone, so the masks cannot "

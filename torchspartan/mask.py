@@ -211,9 +211,11 @@ class SpartanMask(nn.Module):
         return spec.hard
 
     @torch.no_grad()
-    def freeze(self, theta: torch.Tensor) -> None:
-        """Fine-tuning: fold ``theta <- theta * m * h`` once; then ``w = theta * h`` for good."""
-        theta.copy_(block_mul(theta, self.factor(theta), self.spec().sizes))
+    def freeze(self, theta: torch.Tensor, *, fold: bool = True) -> None:
+        """Fine-tuning: fold ``theta <- theta * m * h`` once; then ``w = theta * h`` for good.
+        ``fold=False``: the caller has folded ``theta`` (a sharded weight, shard by shard)."""
+        if fold:
+            theta.copy_(block_mul(theta, self.factor(theta), self.spec().sizes))
         self.update(self.hard_mask, threshold=self.threshold, beta=0.0)
         self.frozen.fill_(True)
         self.is_frozen = True

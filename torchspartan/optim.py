@@ -34,6 +34,7 @@ from torchspartan._checks import (
     is_number,
     whole_number,
 )
+from torchspartan.distributed import ORDER, is_sharded
 from torchspartan.policies import AllocationPolicy
 from torchspartan.schedules import Phases, Schedule, values_at
 from torchspartan.state import (
@@ -228,6 +229,7 @@ class DualAveraging(WrappedOptimizer):
                 raise ValueError(
                     f"{r.name} is masked but its parameter is not in the wrapped optimizer; build "
                     f"the optimizer from model.parameters() after registering the masks"
+                    + (f" and sharding the model ({ORDER})" if is_sharded(r.theta) else "")
                 )
         self.updater.check_target(1.0 - sparsity)
         phases = Phases.plan(sparsity, total_steps, density, beta, float(beta_target),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchspartan.distributed import ORDER, is_sharded
 from torchspartan.mask import Method, SpartanMask
 
 __all__ = ["MaskRef", "SparsifyResult", "find_masks", "input_dim", "sparsify"]
@@ -203,6 +204,9 @@ def _check_new_place(module: nn.Module, tensor_name: str, qual: str) -> torch.Te
     if isinstance(t, nn.parameter.UninitializedParameter):
         raise ValueError(f"{qual} is not initialized yet (a lazy module): run one forward pass "
                          f"before registering masks")
+    if is_sharded(t):
+        raise ValueError(f"{qual} is already sharded by FSDP2 (fully_shard); masks are registered "
+                         f"on the unsharded model: {ORDER}")
     if not isinstance(t, nn.Parameter):
         raise ValueError(f"{qual} is not an nn.Parameter (a buffer?); only trained weights can "
                          f"be masked: exclude this layer")

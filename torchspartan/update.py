@@ -33,6 +33,7 @@ from torchspartan.policies import (
     check_allocations,
     normalise_costs,
 )
+from torchspartan.sharded import make_solver
 from torchspartan.sparsify import input_dim
 from torchspartan.state import (
     StepRecord,
@@ -116,7 +117,7 @@ class MaskUpdater:
 
     def _attach(self) -> None:
         """What works on the masks found (rebuilt when a copy or a pickle is loaded)."""
-        self.solver = AllocationSolver(self.refs, self.unit_costs, self.reduce)
+        self.solver = make_solver(self.refs, self.unit_costs, self.reduce)
         self.floors = Floors(self.solver, self.tensors, self.alloc_index,
                              [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings: list[Coupling] = []
@@ -285,8 +286,8 @@ class MaskUpdater:
     def freeze(self) -> None:
         """Fold ``theta <- theta * m * h`` once in every mask; the masks never change again."""
         self.release()
-        for r in self.refs:
-            r.mask.freeze(r.theta)
+        for i in range(len(self.refs)):
+            self.solver.freeze(i)
         if self.last_record is not None:
             self.last_record = replace(self.last_record, frozen=True)
 

@@ -1,0 +1,123 @@
+"""FSDP2 (fully_shard) on 2 and 4 gloo ranks: the masks and weights of one process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fsdp_helpers as fh  # noqa: E402
+
+STEPS = 30
+POLICIES = (("global", True), ("erk", True), ("nm", False))
+
+
+def _train(rank: int, world: int, out: str) -> None:
+    for policy, block in POLICIES:
+        net = fh.shard(fh.model(block=block))
+        opt = fh.optimizer(net, policy, STEPS)
+        fh.run(net, opt, fh.data(STEPS), rank, world)
+        state = fh.full_state(net)
+        if rank == 0:
+            torch.save(state, f"{out}/{policy}.pt")
+
+
+def _single(policy: str, block: bool) -> dict[str, torch.Tensor]:
+    net = fh.model(block=block)
+    opt = fh.optimizer(net, policy, STEPS)
+    fh.run(net, opt, fh.data(STEPS))
+    return fh.full_state(net)
+
+
+def _check(world: int, tmp_path: Path) -> None:
+    fh.spawn(world, _train, str(tmp_path))
+    for policy, block in POLICIES:
+        got = torch.load(tmp_path / f"{policy}.pt", weights_only=True)
+        loose = policy == "nm"
+        fh.assert_same(got, _single(policy, block), f"{policy} on {world} ranks",
+                       rtol=1e-5 if loose else 1e-7, atol=1e-6 if loose else 1e-10)
+
+
+def test_fsdp2_two_ranks_match_one_process(tmp_path: Path) -> None:
+    _check(2, tmp_path)
+
+
+def test_fsdp2_four_ranks_match_one_process(tmp_path: Path) -> None:
+    _check(4, tmp_path)
+
+
+class _Largest(TorchDispatchMode):
+    """Records the largest tensor every op returns (a DTensor: its local shard)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.float = self.any = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                n = t.to_local().numel() if hasattr(t, "to_local") else t.numel()
+                self.any = max(self.any, n)
+                if t.is_floating_point():
+                    self.float = max(self.float, n)
+        return out
+
+
+def _memory(rank: int, world: int) -> None:
+    from torch import nn
+
+    import torchspartan as ts
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(128, 128), nn.Tanh()) for _ in range(4)])
+    ts.sparsify(net)
+    fh.shard_all(net)
+    opt = ts.DualAveraging(torch.optim.SGD(net.parameters(), lr=0.1), net, sparsity=0.9,
+                           total_steps=10)
+    scores = 4 * 128 * 128
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, 128)).square().mean().backward()
+        with _Largest() as seen:
+            opt.step()  # the checks, the base step, the mask update
+        # floats: the local rows of one tensor, or the histogram of the selection (2 x at most
+        # 1/16 of the entries); anything: at most one tensor's full bool mask (gathered)
+        assert seen.float <= max(128 * 128 // world, scores // 8), seen.float
+        assert seen.any <= 128 * 128 < scores, seen.any
+
+
+def _wrong_order(rank: int, world: int) -> None:
+    import pytest
+    from torch.distributed.fsdp import fully_shard
+
+    import torchspartan as ts
+
+    # masks after sharding
+    plain = fh.shard_all(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    with pytest.raises(ValueError, match="already sharded by FSDP2.*ts.sparsify\\(model\\), then"):
+        ts.sparsify(plain)
+    # base optimizer before sharding
+    net = fh.model(block=False)
+    base = torch.optim.SGD(net.parameters(), lr=0.1)
+    fh.shard(net)
+    with pytest.raises(ValueError, match="not in the wrapped optimizer.*then fully_shard"):
+        ts.DualAveraging(base, net, sparsity=0.5, total_steps=10)
+    # DualAveraging before sharding
+    net = fh.model(block=False)
+    opt = ts.DualAveraging(torch.optim.SGD(net.parameters(), lr=0.1), net, sparsity=0.5,
+                           total_steps=10)
+    fully_shard(net)
+    with pytest.raises(RuntimeError, match="sharded \\(fully_shard\\) after the optimizer"):
+        opt.step()
+
+
+def test_fsdp2_update_allocates_local_sizes_only() -> None:
+    fh.spawn(2, _memory)
+
+
+def test_fsdp2_wrong_build_order_is_refused() -> None:
+    fh.spawn(2, _wrong_order)
