@@ -130,6 +130,10 @@ def local_spec(spec: MaskSpec, part: ShardPart) -> MaskSpec:
     return replace(spec, hard=hard, tau=tau)
 
 
+# Small masks are gathered together up to this many entries per collective.
+GATHER_BATCH = 1 << 15
+
+
 class ShardGroup:
     """The collectives of a sharded mask update over one process group (the FSDP2 mesh's).
 
@@ -167,11 +171,12 @@ class ShardGroup:
         """The full tensors (``shapes``, dim 0 the grid rows) from every rank's local rows.
 
         One collective per batch of tensors whose padded size stays within the largest tensor's
-        (so the buffer is never larger than the largest full tensor).
+        or ``GATHER_BATCH`` entries, whichever is more: small masks travel together, and the
+        buffer is never larger than the largest full tensor (or ``GATHER_BATCH``).
         """
         if not locals_:
             return []
-        cap = max(max(1, p.chunk * p.row_numel) * self.size for p in parts)
+        cap = max(GATHER_BATCH, *(max(1, p.chunk * p.row_numel) * self.size for p in parts))
         out: list[torch.Tensor] = []
         batch: list[int] = []
         size = 0

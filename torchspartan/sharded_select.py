@@ -117,8 +117,8 @@ def select_sharded(
         kept_any = _keep_ties(masks, found, costs, budget - above, group, device)
         threshold = _value_of(lo, dtype) if kept_any else None
     else:
-        threshold = _keep_candidates(masks, keys, found, costs, budget - above, group, device,
-                                     dtype)
+        threshold = _keep_candidates(masks, keys, found, int(hist[1, j]), costs, budget - above,
+                                     group, device, dtype)
     if threshold is not None:
         return masks, threshold
     # nothing kept in the bracket: the last kept entry is the smallest one above it
@@ -159,16 +159,16 @@ def _keep_ties(masks: list[torch.Tensor], tied: list[torch.Tensor], costs: Seque
 
 
 def _keep_candidates(masks: list[torch.Tensor], keys: list[torch.Tensor],
-                     where: list[torch.Tensor], costs: Sequence[float], remaining: float,
-                     group: ShardGroup, device: torch.device, dtype: torch.dtype
-                     ) -> float | None:
-    """Gather the few entries left in the bracket (key, tensor, rank, index), order them on
-    every rank as one process would, keep the greedy prefix. Returns the kept threshold."""
+                     where: list[torch.Tensor], count: int, costs: Sequence[float],
+                     remaining: float, group: ShardGroup, device: torch.device,
+                     dtype: torch.dtype) -> float | None:
+    """Gather the ``count`` entries left in the bracket over all ranks (key, tensor, rank,
+    index; every rank sends ``count`` rows, padded), order them on every rank as one process
+    would, keep the greedy prefix. Returns the kept threshold."""
     rows = [torch.stack([k[w].to(torch.int64), torch.full_like(w, t), w], 1)
             for t, (k, w) in enumerate(zip(keys, where, strict=True))]
     local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64, device=device)
-    most = int(group.max(torch.tensor([local.shape[0]], dtype=torch.int64, device=device))[0])
-    padded = torch.full((most, 4), -1, dtype=torch.int64, device=device)
+    padded = torch.full((count, 4), -1, dtype=torch.int64, device=device)
     padded[:local.shape[0], :3] = local
     padded[:local.shape[0], 3] = group.rank
     everyone = group.gather(padded).reshape(-1, 4)
