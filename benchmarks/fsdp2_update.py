@@ -229,7 +229,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{max(r['rss_peak_growth_mib'] for r in rows):.0f} | "
             f"{max(r['cold_rss_growth_mib'] for r in rows):.0f} | "
             f"{max(r['largest_float_numel'] for r in rows) / 1e6:.2f}M | "
-            f"{rows[0]['mask_bytes'] / 2**20:.0f} | {max(r['rss_mib'] for r in rows):.0f} |")
+            f"{rows[0]['mask_bytes'] / 2**20:.1f} | {max(r['rss_mib'] for r in rows):.0f} |")
     return "\n".join(lines)
 
 
