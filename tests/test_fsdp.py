@@ -126,6 +126,42 @@ def _wrong_order(rank: int, world: int) -> None:
         opt.step()
 
 
+class _Poison(torch.optim.SGD):
+    """SGD whose second step writes a NaN into rank 1's shard of the first weight."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        out = super().step(closure)
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == 2 and torch.distributed.get_rank() == 1:
+            self.param_groups[0]["params"][1].to_local().view(-1)[0] = float("nan")
+        return out
+
+
+def _non_finite(rank: int, world: int) -> None:
+    # a weight made non-finite on one rank: every rank raises the same error (no hang)
+    import pytest
+
+    import torchspartan as ts
+
+    net = fh.shard(fh.model(block=False))
+    params = list(net.parameters())
+    assert params[1] is ts.find_masks(net)[0].theta
+    opt = ts.DualAveraging(_Poison(params, lr=0.1), net, sparsity=0.8, total_steps=10)
+    x, y = fh.data(1)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        if opt.last_record.step == 1:
+            with pytest.raises(ValueError, match="0.0.weight became non-finite.*step 2"):
+                opt.step()
+        else:
+            opt.step()
+
+
+def test_fsdp2_non_finite_weight_raises_on_every_rank() -> None:
+    fh.spawn(2, _non_finite)
+
+
 def test_fsdp2_update_allocates_local_sizes_only() -> None:
     fh.spawn(2, _memory)
 

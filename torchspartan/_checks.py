@@ -127,7 +127,8 @@ def failed_after_base_step(refs: Sequence[MaskRef], optimizer: torch.optim.Optim
     """The error to raise when the mask update failed after the base step ``t``: ``error``,
     unless the base step made masked weights non-finite (then one that says so)."""
     with torch.no_grad():
-        bad = [r.name for r in refs if not bool(torch.isfinite(r.theta).all())]
+        flags = finite_flags([r.theta for r in refs])  # sharded weights: the same on every rank
+    bad = [r.name for r, good in zip(refs, flags, strict=True) if not good]
     if not bad:
         return error
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
