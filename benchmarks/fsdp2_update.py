@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import statistics
@@ -97,8 +98,9 @@ def build(name: str, shard: bool) -> nn.Module:
     with torch.no_grad():
         for layer in model:
             local = local_tensor(layer.parametrizations.weight.original)
-            local.normal_(generator=g).mul_(layer.parametrizations.weight.original.shape[1]
-                                            ** -0.5)
+            # ResNet: He-like scale per layer; ViT: one scale (its init, std 0.02)
+            fan_in = math.prod(layer.parametrizations.weight.original.shape[1:])
+            local.normal_(generator=g).mul_(0.02 if name.startswith("vit") else fan_in ** -0.5)
             mask = layer.parametrizations.weight[0]
             mask.hard_mask.fill_(True)
             mask.threshold.zero_()

@@ -163,7 +163,7 @@ class ShardGroup:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """``(world, *t.shape)``: every rank's ``t`` (small tensors)."""
         out = t.new_empty(self.size * t.numel())
-        dist.all_gather_into_tensor(out, t.contiguous().reshape(-1), group=self.group)
+        _all_gather(out, t.contiguous().reshape(-1), self.group)
         return out.view(self.size, *t.shape)
 
     def gather_rows(self, locals_: Sequence[torch.Tensor], parts: Sequence[ShardPart],
@@ -205,7 +205,7 @@ class ShardGroup:
                 flat.view(torch.uint8) if dtype == torch.bool else flat)
             offset += w
         recv = send.new_empty(self.size * send.numel())
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        _all_gather(recv, send, self.group)
         recv = recv.view(self.size, send.numel())
         out = []
         offset = 0
@@ -215,6 +215,12 @@ class ShardGroup:
             out.append(full.reshape(shape).clone())
             offset += w
         return out
+
+
+def _all_gather(out: torch.Tensor, t: torch.Tensor, group: Any) -> None:
+    """Every rank's flat ``t``, rank after rank, into ``out``."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t, group=group)
 
 
 def sharded_finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
