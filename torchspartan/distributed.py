@@ -227,7 +227,8 @@ def sharded_finite_flags(tensors: Sequence[torch.Tensor]) -> list[bool]:
     """Whether each (sharded) tensor is free of NaN and Inf on every rank; one collective over
     the process group of the first DTensor."""
     flags = torch.tensor([0.0 if bool(torch.isfinite(local_tensor(t)).all()) else 1.0
-                          for t in tensors], dtype=torch.float64)
+                          for t in tensors], dtype=torch.float64,
+                         device=local_tensor(tensors[0]).device)
     mesh = next(t.device_mesh for t in tensors if is_sharded(t))  # type: ignore[attr-defined]
     dist.all_reduce(flags, dist.ReduceOp.MAX, group=mesh.get_group())
     return [f == 0.0 for f in flags.tolist()]

@@ -158,7 +158,7 @@ class ShardedSolver(AllocationSolver):
         hard_of = dict(zip(idx, self.gather(idx, grids), strict=True))
         pending = Pending(self, idx, step, hard_of, pieces=pieces, runs=runs, budget=budget,
                           beta=beta, umax=umax)
-        pending.scalars.append(torch.ones((), dtype=torch.float64))  # checked above
+        pending.scalars.append(torch.ones((), dtype=torch.float64, device=umax.device))  # checked
         pending.threshold = threshold
         if not any(m.method == "spartan" for m in masks):
             return pending
@@ -234,7 +234,9 @@ class ShardedSolver(AllocationSolver):
         full_hard = self.gather(idx, hards)
         full_tau = self.group.gather_rows(
             taus, tau_parts, [(self.refs[i].mask.hard_mask.numel() // group,) for i in idx])
-        stats = self.group.max(torch.tensor([float(iterations), error], dtype=torch.float64))
+        device = self.refs[idx[0]].mask.hard_mask.device
+        stats = self.group.max(torch.tensor([float(iterations), error], dtype=torch.float64,
+                                            device=device))
         for i, h, t in zip(idx, full_hard, full_tau, strict=True):
             m = self.refs[i].mask
             if m.method != "spartan":
