@@ -90,9 +90,12 @@ def build(name: str, shard: bool) -> nn.Module:
         model = nn.Sequential(*[Layer(s) for s in shapes_of(name)])
     ts.sparsify(model, include=Layer, block=(16, 16) if name.startswith("vit") else None)
     if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))  # CPU ranks, also on a GPU host
         for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(dist.get_rank())
     with torch.no_grad():

@@ -40,12 +40,20 @@ def model(block: bool = True, seed: int = 0) -> nn.Module:
     return net
 
 
+def cpu_mesh() -> Any:
+    """A 1-D CPU mesh over all ranks (fully_shard's default mesh is on CUDA when there is one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
 def shard(net: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
+    mesh = cpu_mesh()
     for blk in list(net)[:3]:
-        fully_shard(blk)
-    fully_shard(net)
+        fully_shard(blk, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     return net
 
 
@@ -53,9 +61,10 @@ def shard_all(net: nn.Module) -> nn.Module:
     """fully_shard on every child and the root."""
     from torch.distributed.fsdp import fully_shard
 
+    mesh = cpu_mesh()
     for child in net.children():
-        fully_shard(child)
-    fully_shard(net)
+        fully_shard(child, mesh=mesh)
+    fully_shard(net, mesh=mesh)
     return net
 
 

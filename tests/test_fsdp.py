@@ -121,7 +121,7 @@ def _wrong_order(rank: int, world: int) -> None:
     net = fh.model(block=False)
     opt = ts.DualAveraging(torch.optim.SGD(net.parameters(), lr=0.1), net, sparsity=0.5,
                            total_steps=10)
-    fully_shard(net)
+    fully_shard(net, mesh=fh.cpu_mesh())
     with pytest.raises(RuntimeError, match="sharded \\(fully_shard\\) after the optimizer"):
         opt.step()
 
