@@ -116,9 +116,14 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
 
 
 def spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks (spawned processes)."""
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks.
+
+    The ranks are forked from a fork server that has imported torch and the library once (a
+    fork of the test process itself is refused by autograd once it has run a backward with
+    worker threads, as on a machine with a GPU; spawning imports torch anew every time)."""
+    mp.set_forkserver_preload(["torch", "torch.distributed.fsdp", "torchspartan"])
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world,
-                       start_method="fork", join=True)
+                       start_method="forkserver", join=True)
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str,
