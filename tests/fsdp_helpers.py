@@ -24,7 +24,8 @@ def free_port() -> int:
 
 
 def model(block: bool = True, seed: int = 0) -> nn.Module:
-    """Three blocks (one with 4x4 block masks) and a head of 5 rows (uneven and empty shards)."""
+    """Three blocks (one with 4x4 block masks) and a head of 5 rows (uneven and empty shards);
+    with ``block``, density bounds on the block layer and the head."""
     torch.manual_seed(seed)
     net = nn.Sequential(
         nn.Sequential(nn.Linear(IN, 16), nn.Tanh()),
@@ -33,8 +34,10 @@ def model(block: bool = True, seed: int = 0) -> nn.Module:
         nn.Linear(12, 5),
     ).to(torch.float64)
     if block:
+        # density bounds that bind under the global policy: two tensors held at once
         ts.sparsify(net, names=r"^1\.0$", block=(4, 4), min_density=0.25)
-        ts.sparsify(net, exclude=r"^1\.0$")
+        ts.sparsify(net, names=r"^3$", min_density=0.5)
+        ts.sparsify(net, exclude=r"^(1\.0|3)$")
     else:
         ts.sparsify(net)
     return net

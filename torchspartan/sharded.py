@@ -137,18 +137,7 @@ class ShardedSolver(AllocationSolver):
             return Pending(self, idx, step, {i: torch.full_like(m.hard_mask, budget > 0)
                                              for i, m in zip(idx, masks, strict=True)})
         pieces, runs = self.pieces(idx, beta)
-        device = masks[0].hard_mask.device
-        local_max = torch.stack([
-            p.units.amax() if p.units.numel() else torch.zeros((), device=device) for p in pieces
-        ]).double().nan_to_num(nan=math.inf)
-        umax = self.group.max(local_max)
-        bad = [self.refs[i].name for i, u in zip(idx, umax.tolist(), strict=True)
-               if not math.isfinite(u)]
-        if bad:
-            raise ValueError(
-                f"{bad[0]} became non-finite (NaN or Inf) in the base optimizer's step {step}; "
-                f"lower the learning rate or clip gradients"
-            )
+        umax = self.global_max(idx, pieces, step)
         local, threshold = select_sharded([p.units.reshape(-1) for p in pieces],
                                           [float(p.cost) for p in pieces], budget,
                                           float(umax.max()), self.group,
@@ -176,13 +165,67 @@ class ShardedSolver(AllocationSolver):
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
                    ) -> tuple[int, float]:
         """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound): one
-        sharded solve each (the same collectives on every rank)."""
+        sharded selection each, then one gather of all their masks and one Newton solve of one
+        segment per tensor; writes the masks, each with its own threshold."""
+        total = [self.cost(i) for i in idx]
+        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
+                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
+        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
+            self.solve((i,), b, beta)
+        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
+        if not rest:
+            return 0, 0.0
+        ids = [i for i, _ in rest]
+        refs = [self.refs[i] for i in ids]
+        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
+                        self.unit_costs[i] * r.mask.block_numel, k)
+                  for k, (i, r) in enumerate(zip(ids, refs, strict=True))]
+        umax = self.global_max(ids, pieces, 0)
+        grids = []
+        for (i, b), p, u in zip(rest, pieces, umax.tolist(), strict=True):
+            local, _ = select_sharded([p.units.reshape(-1)], [float(p.cost)], b, u, self.group,
+                                      self.refs[i].mask.hard_mask.numel())
+            grids.append(local[0].view(self.parts[i].rows, *self.refs[i].mask.hard_mask.shape[1:]))
+        full = self.gather(ids, grids)
+        soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
         iterations, error = 0, 0.0
-        for i, b in zip(idx, budgets, strict=True):
-            its, err = self.solve((i,), b, beta)
-            iterations += its
-            error = max(error, err)
+        if soft:
+            sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
+                   for j, k in enumerate(soft)]
+            warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
+                       for k in soft)
+            solution = solve_soft(
+                sub, torch.tensor([rest[k][1] for k in soft], dtype=torch.float64,
+                                  device=umax.device),
+                unit_max=umax[soft], reduce=self.reduce,
+                tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)
+            iterations, error = solution.evaluations, float(solution.error.max())
+            for j, k in enumerate(soft):
+                refs[k].mask.update(full[k], threshold=solution.tau[j],
+                                    beta=beta * math.sqrt(refs[k].mask.block_numel),
+                                    scope="local")
+        for k, r in enumerate(refs):
+            if r.mask.method != "spartan":
+                r.mask.update(full[k], threshold=r.mask.threshold)
         return iterations, error
+
+    def global_max(self, idx: Sequence[int], pieces: Sequence[Piece], step: int
+                   ) -> torch.Tensor:
+        """The largest unit value of every piece over all ranks (float64); raises, naming the
+        tensor, on every rank when one holds NaN or Inf."""
+        device = self.refs[idx[0]].mask.hard_mask.device
+        local_max = torch.stack([
+            p.units.amax() if p.units.numel() else torch.zeros((), device=device) for p in pieces
+        ]).double().nan_to_num(nan=math.inf)
+        umax = self.group.max(local_max)
+        bad = [self.refs[i].name for i, u in zip(idx, umax.tolist(), strict=True)
+               if not math.isfinite(u)]
+        if bad:
+            raise ValueError(
+                f"{bad[0]} became non-finite (NaN or Inf) in the base optimizer's step {step}; "
+                f"lower the learning rate or clip gradients"
+            )
+        return umax
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
                  ) -> Coupling:
