@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from torchspartan._engine import Piece, hard_select, solve_soft
 from torchspartan.distributed import ShardGroup
-from torchspartan.sharded_select import select_sharded
+from torchspartan.sharded_select import select_segments, select_sharded
 
 
 class Board:
@@ -136,3 +136,37 @@ def test_sharded_soft_threshold_equals_unsharded(problem: Any, beta: float, warm
     scale = 1.0 + abs(float(want.tau[0]))
     assert abs(tau - float(want.tau[0])) <= 1e-8 * scale
     torch.testing.assert_close(slope, float(want.slope[0]), rtol=1e-6, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from([0, 1 << 12]), st.integers(0, 2**16))
+def test_sharded_hard_topk_of_several_budgets(problem: Any, gather_max: int, seed: int) -> None:
+    # every tensor its own budget or tensors sharing one: select_segments equals one budget at
+    # a time, unsharded
+    tensors, costs, _, world = problem
+    g = torch.Generator().manual_seed(seed)
+    segment_of = [0] + [int(torch.randint(0, 2, (1,), generator=g)) * k
+                        for k in range(1, len(tensors))]
+    segments = sorted(set(segment_of))
+    segment_of = [segments.index(s) for s in segment_of]
+    budgets, want = [], {}
+    for j in range(len(segments)):
+        members = [k for k, s in enumerate(segment_of) if s == j]
+        total = sum(costs[k] * tensors[k].numel() for k in members)
+        budgets.append(float(torch.rand((), generator=g)) * 0.98 * total + 0.01 * total)
+        pieces = [Piece(tensors[k].reshape(1, -1), 1.0, costs[k], 0) for k in members]
+        masks, thresholds = hard_select(pieces, [budgets[-1]])
+        want[j] = (members, masks, thresholds[0])
+    unit_max = [max(float(tensors[k].max()) for k in want[j][0]) for j in range(len(budgets))]
+
+    def rank(group: ShardGroup) -> tuple[list[torch.Tensor], list[float]]:
+        mine = [shards(t, group.size)[group.rank] for t in tensors]
+        return select_segments(mine, costs, segment_of, budgets, unit_max, group,
+                               gather_max=gather_max)
+
+    results = on_ranks(world, rank)
+    for j, (members, masks, threshold) in want.items():
+        for k, w in zip(members, masks, strict=True):
+            got = torch.cat([r[0][k] for r in results])
+            assert torch.equal(got, w.reshape(-1)), f"tensor {k} of budget {j}"
+        assert all(r[1][j] == threshold for r in results)

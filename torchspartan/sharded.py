@@ -40,7 +40,7 @@ from torchspartan.distributed import (
     local_tensor,
     shard_part,
 )
-from torchspartan.sharded_select import select_sharded
+from torchspartan.sharded_select import select_segments, select_sharded
 from torchspartan.sparsify import MaskRef
 
 __all__ = ["ShardedCoupling", "ShardedSolver", "make_solver"]
@@ -164,9 +164,9 @@ class ShardedSolver(AllocationSolver):
 
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
                    ) -> tuple[int, float]:
-        """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound): one
-        sharded selection each, then one gather of all their masks and one Newton solve of one
-        segment per tensor; writes the masks, each with its own threshold."""
+        """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound), as one
+        problem of one segment per tensor: one sharded selection, one gather of their masks and
+        one Newton solve for all of them; writes the masks, each with its own threshold."""
         total = [self.cost(i) for i in idx]
         alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
                  if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
@@ -181,11 +181,12 @@ class ShardedSolver(AllocationSolver):
                         self.unit_costs[i] * r.mask.block_numel, k)
                   for k, (i, r) in enumerate(zip(ids, refs, strict=True))]
         umax = self.global_max(ids, pieces, 0)
-        grids = []
-        for (i, b), p, u in zip(rest, pieces, umax.tolist(), strict=True):
-            local, _ = select_sharded([p.units.reshape(-1)], [float(p.cost)], b, u, self.group,
-                                      self.refs[i].mask.hard_mask.numel())
-            grids.append(local[0].view(self.parts[i].rows, *self.refs[i].mask.hard_mask.shape[1:]))
+        local, _ = select_segments([p.units.reshape(-1) for p in pieces],
+                                   [float(p.cost) for p in pieces], list(range(len(rest))),
+                                   [b for _, b in rest], umax.tolist(), self.group,
+                                   [r.mask.hard_mask.numel() for r in refs])
+        grids = [h.view(self.parts[i].rows, *self.refs[i].mask.hard_mask.shape[1:])
+                 for i, h in zip(ids, local, strict=True)]
         full = self.gather(ids, grids)
         soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
         iterations, error = 0, 0.0

@@ -30,7 +30,7 @@ import torch
 
 from torchspartan.distributed import ShardGroup
 
-__all__ = ["select_sharded"]
+__all__ = ["select_segments", "select_sharded"]
 
 # Bits of key resolved per histogram round.
 BITS = 16
@@ -81,109 +81,171 @@ def select_sharded(
         ``(masks, threshold)``: this rank's bool masks, and the unit value of the last kept entry
         over all ranks (the same on every rank).
     """
+    masks, thresholds = select_segments(units, costs, [0] * len(units), [budget], [unit_max],
+                                        group, None if entries is None else [entries],
+                                        gather_max)
+    return masks, thresholds[0]
+
+
+def select_segments(
+    units: Sequence[torch.Tensor],
+    costs: Sequence[float],
+    segment_of: Sequence[int],
+    budgets: Sequence[float],
+    unit_max: Sequence[float],
+    group: ShardGroup,
+    entries: Sequence[int] | None = None,
+    gather_max: int | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """:func:`select_sharded` of several budgets at once (tensor ``k`` in budget
+    ``segment_of[k]``, in tie order within its budget): every round's histograms of all budgets
+    travel in one all-reduce, the candidates and tie tables in one gather each.
+
+    Returns this rank's masks and every budget's threshold (the same on every rank).
+    """
     keys, dtype = _keys(units)
     device = units[0].device if units else torch.device("cpu")
     limit = GATHER_MAX if gather_max is None else gather_max
-    bits = BITS if entries is None else min(BITS, max(8, int(entries).bit_length() - 5))
-    lo, hi = 0, _key_of(unit_max, dtype)
-    above = 0.0  # cost of the entries with a key above the bracket, over all ranks
-    cand: list[torch.Tensor] = list(keys)  # the keys in the bracket
+    n_seg = len(budgets)
+    bits = [BITS if entries is None else min(BITS, max(8, int(entries[j]).bit_length() - 5))
+            for j in range(n_seg)]
+    lo = [0] * n_seg
+    hi = [_key_of(float(u), dtype) for u in unit_max]
+    above = [0.0] * n_seg  # cost of the entries with a key above the bracket, over all ranks
+    shift = [0] * n_seg
+    count = [0] * n_seg
+    cand: list[torch.Tensor] = list(keys)  # the keys in their segment's bracket
     where: list[torch.Tensor | None] = [None] * len(keys)  # their local indices (None: all)
-    while True:
-        shift = max(0, (hi - lo).bit_length() - bits)
-        bins = ((hi - lo) >> shift) + 1
-        hist = torch.zeros(2, bins, dtype=torch.float64, device=device)  # cost, count
-        for k, c in zip(cand, costs, strict=True):
-            if k.numel():
-                idx = (k - lo).bitwise_right_shift_(shift) if shift else k - lo
-                n = torch.bincount(idx, minlength=bins).to(torch.float64)
-                hist[0].add_(n, alpha=c)
-                hist[1].add_(n)
+    active = list(range(n_seg))
+    while active:
+        shifts = {j: max(0, (hi[j] - lo[j]).bit_length() - bits[j]) for j in active}
+        bins = {j: ((hi[j] - lo[j]) >> shifts[j]) + 1 for j in active}
+        start, size = {}, 0
+        for j in active:
+            start[j], size = size, size + bins[j]
+        hist = torch.zeros(2, size, dtype=torch.float64, device=device)  # cost, count
+        for k, (c, j) in enumerate(zip(costs, segment_of, strict=True)):
+            if j in start and cand[k].numel():
+                sh = shifts[j]
+                idx = (cand[k] - lo[j]).bitwise_right_shift_(sh) if sh else cand[k] - lo[j]
+                n = torch.bincount(idx, minlength=bins[j]).to(torch.float64)
+                hist[0].narrow(0, start[j], bins[j]).add_(n, alpha=c)
+                hist[1].narrow(0, start[j], bins[j]).add_(n)
         hist = group.sum(hist)
-        at_least = hist[0].flip(0).cumsum(0).flip(0).add_(above)  # C(>= bin j)
-        j = max(int((at_least >= budget).sum()) - 1, 0)  # the highest bin with C(>= j) >= B
-        if j + 1 < bins:
-            above = float(at_least[j + 1])
-        lo, hi = lo + (j << shift), min(hi, lo + ((j + 1) << shift) - 1)
-        inside = [(k >= lo) & (k <= hi) for k in cand]
-        found = [torch.nonzero(f).squeeze(1) if w is None else w[f]
-                 for f, w in zip(inside, where, strict=True)]
-        where = list(found)
-        if shift == 0 or float(hist[1, j]) <= limit:
-            break
-        cand = [k[f] for k, f in zip(cand, inside, strict=True)]
-    masks = [k > hi for k in keys]
-    if shift == 0:
-        kept_any = _keep_ties(masks, found, costs, budget - above, group, device)
-        threshold = _value_of(lo, dtype) if kept_any else None
-    else:
-        threshold = _keep_candidates(masks, keys, found, int(hist[1, j]), costs, budget - above,
-                                     group, device, dtype)
-    if threshold is not None:
-        return masks, threshold
-    # nothing kept in the bracket: the last kept entry is the smallest one above it
-    top = torch.iinfo(keys[0].dtype).max if keys else 0
-    mins = [int(torch.where(m, k, top).min()) for m, k in zip(masks, keys, strict=True)
-            if k.numel()]
-    smallest = -int(group.max(torch.tensor([-min(mins, default=top)], dtype=torch.int64,
-                                           device=device))[0])
-    return masks, math.inf if smallest == top else _value_of(smallest, dtype)
+        for j in active:
+            h = hist.narrow(1, start[j], bins[j])
+            at_least = h[0].flip(0).cumsum(0).flip(0).add_(above[j])  # C(>= bin)
+            b = max(int((at_least >= budgets[j]).sum()) - 1, 0)  # the highest bin C >= B
+            if b + 1 < bins[j]:
+                above[j] = float(at_least[b + 1])
+            sh = shifts[j]
+            lo[j], hi[j] = lo[j] + (b << sh), min(hi[j], lo[j] + ((b + 1) << sh) - 1)
+            shift[j], count[j] = sh, int(h[1, b])
+        for k, j in enumerate(segment_of):
+            if j in start:
+                inside = (cand[k] >= lo[j]) & (cand[k] <= hi[j])
+                w = where[k]
+                where[k] = torch.nonzero(inside).squeeze(1) if w is None else w[inside]
+                cand[k] = cand[k][inside]
+        active = [j for j in active if shift[j] > 0 and count[j] > limit]
+    found = [w if w is not None else torch.nonzero(k >= 0).squeeze(1)
+             for w, k in zip(where, keys, strict=True)]
+    masks = [k > hi[j] for k, j in zip(keys, segment_of, strict=True)]
+    thresholds: list[float | None] = [None] * n_seg
+    remaining = [b - a for b, a in zip(budgets, above, strict=True)]
+    tied = [j for j in range(n_seg) if shift[j] == 0]
+    if tied:
+        kept = _keep_ties(masks, found, costs, segment_of, tied, remaining, group, device)
+        for j in tied:
+            thresholds[j] = _value_of(lo[j], dtype) if kept[j] else None
+    gathered = [j for j in range(n_seg) if shift[j] > 0]
+    if gathered:
+        got = _keep_candidates(masks, keys, found, costs, segment_of, gathered,
+                               sum(count[j] for j in gathered), remaining, group, device, dtype)
+        for j in gathered:
+            thresholds[j] = got[j]
+    missing = [j for j in range(n_seg) if thresholds[j] is None]
+    if missing:  # nothing kept in the bracket: the last kept entry is the smallest above it
+        top = torch.iinfo(keys[0].dtype).max if keys else 0
+        local = []
+        for j in missing:
+            mins = [int(torch.where(m, k, top).min()) for m, k, s in
+                    zip(masks, keys, segment_of, strict=True) if s == j and k.numel()]
+            local.append(-min(mins, default=top))
+        smallest = (-group.max(torch.tensor(local, dtype=torch.int64, device=device))).tolist()
+        for j, v in zip(missing, smallest, strict=True):
+            thresholds[j] = math.inf if v == top else _value_of(int(v), dtype)
+    return masks, [float(t) for t in thresholds]  # type: ignore[arg-type]
 
 
-# At most this many entries left in the bracket (over all ranks) are gathered and ordered on
+# At most this many entries left in a bracket (over all ranks) are gathered and ordered on
 # every rank instead of another histogram round.
 GATHER_MAX = 1 << 12
 
 
 def _keep_ties(masks: list[torch.Tensor], tied: list[torch.Tensor], costs: Sequence[float],
-               remaining: float, group: ShardGroup, device: torch.device) -> bool:
-    """Keep the entries tied at the threshold (local indices ``tied``) in the global tie order:
-    by tensor, then rank, then index. Returns whether any rank keeps one."""
-    counts = torch.tensor([float(t.numel()) for t in tied], dtype=torch.float64, device=device)
+               segment_of: Sequence[int], segments: Sequence[int], remaining: Sequence[float],
+               group: ShardGroup, device: torch.device) -> dict[int, bool]:
+    """Keep the entries tied at their budget's threshold (local indices ``tied``) in the global
+    tie order: by tensor, then rank, then index. Returns per budget whether any rank keeps one."""
+    counts = torch.tensor([float(t.numel()) if j in segments else 0.0
+                           for t, j in zip(tied, segment_of, strict=True)],
+                          dtype=torch.float64, device=device)
     table = group.gather(counts).tolist()  # (world, tensors): tied entries per rank and tensor
-    kept_any = False
-    prefix = 0.0  # cost of the ties before the current (tensor, rank)
-    for t, c in enumerate(costs):
+    kept_any = {j: False for j in segments}
+    prefix = {j: 0.0 for j in segments}  # cost of the ties before the current (tensor, rank)
+    for t, (c, j) in enumerate(zip(costs, segment_of, strict=True)):
+        if j not in prefix:
+            continue
         for r in range(group.size):
             n = int(table[r][t])
             if n == 0:
                 continue
             # entry e of this block is kept iff prefix + (e + 1) c - c / 2 <= remaining
-            pos = prefix + c * torch.arange(1, n + 1, dtype=torch.float64) - 0.5 * c
-            keep = int((pos <= remaining).sum())
-            kept_any = kept_any or keep > 0
+            pos = prefix[j] + c * torch.arange(1, n + 1, dtype=torch.float64) - 0.5 * c
+            keep = int((pos <= remaining[j]).sum())
+            kept_any[j] = kept_any[j] or keep > 0
             if r == group.rank and keep:
                 masks[t][tied[t][:keep]] = True
-            prefix += n * c
+            prefix[j] += n * c
     return kept_any
 
 
 def _keep_candidates(masks: list[torch.Tensor], keys: list[torch.Tensor],
-                     where: list[torch.Tensor], count: int, costs: Sequence[float],
-                     remaining: float, group: ShardGroup, device: torch.device,
-                     dtype: torch.dtype) -> float | None:
-    """Gather the ``count`` entries left in the bracket over all ranks (key, tensor, rank,
-    index; every rank sends ``count`` rows, padded), order them on every rank as one process
-    would, keep the greedy prefix. Returns the kept threshold."""
+                     where: list[torch.Tensor], costs: Sequence[float],
+                     segment_of: Sequence[int], segments: Sequence[int], count: int,
+                     remaining: Sequence[float], group: ShardGroup, device: torch.device,
+                     dtype: torch.dtype) -> dict[int, float | None]:
+    """Gather the ``count`` entries left in the brackets of ``segments`` over all ranks (key,
+    tensor, rank, index; every rank sends ``count`` rows, padded), order each budget's on every
+    rank as one process would, keep the greedy prefix. Returns each budget's threshold (None:
+    nothing kept in the bracket)."""
     rows = [torch.stack([k[w].to(torch.int64), torch.full_like(w, t), w], 1)
-            for t, (k, w) in enumerate(zip(keys, where, strict=True))]
+            for t, (k, w, j) in enumerate(zip(keys, where, segment_of, strict=True))
+            if j in segments]
     local = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64, device=device)
     padded = torch.full((count, 4), -1, dtype=torch.int64, device=device)
     padded[:local.shape[0], :3] = local
     padded[:local.shape[0], 3] = group.rank
     everyone = group.gather(padded).reshape(-1, 4)
     everyone = everyone[everyone[:, 0] >= 0]
-    # order: key descending, then tensor, rank, index ascending (stable sorts, last key first)
-    order = torch.arange(everyone.shape[0], device=device)
-    for col, descending in ((2, False), (3, False), (1, False), (0, True)):
-        perm = torch.sort(everyone[order, col], descending=descending, stable=True).indices
-        order = order[perm]
-    ordered = everyone[order]
-    cost = torch.tensor(list(costs), dtype=torch.float64, device=device)[ordered[:, 1]]
-    fits = (torch.cumsum(cost, 0) - 0.5 * cost) <= remaining
-    n_keep = int(torch.cumprod(fits.to(torch.uint8), 0).sum()) if fits.numel() else 0
-    mine = ordered[:n_keep]
-    mine = mine[mine[:, 3] == group.rank]
-    for t in range(len(masks)):
-        masks[t][mine[mine[:, 1] == t, 2]] = True
-    return _value_of(int(ordered[n_keep - 1, 0]), dtype) if n_keep else None
+    seg = torch.tensor(list(segment_of), dtype=torch.int64, device=device)
+    cost_of = torch.tensor(list(costs), dtype=torch.float64, device=device)
+    out: dict[int, float | None] = {}
+    for j in segments:
+        mine_j = everyone[seg[everyone[:, 1]] == j]
+        # order: key descending, then tensor, rank, index ascending (stable sorts, last first)
+        order = torch.arange(mine_j.shape[0], device=device)
+        for col, descending in ((2, False), (3, False), (1, False), (0, True)):
+            perm = torch.sort(mine_j[order, col], descending=descending, stable=True).indices
+            order = order[perm]
+        ordered = mine_j[order]
+        cost = cost_of[ordered[:, 1]]
+        fits = (torch.cumsum(cost, 0) - 0.5 * cost) <= remaining[j]
+        n_keep = int(torch.cumprod(fits.to(torch.uint8), 0).sum()) if fits.numel() else 0
+        kept = ordered[:n_keep]
+        kept = kept[kept[:, 3] == group.rank]
+        for t in {int(x) for x in kept[:, 1].tolist()}:
+            masks[t][kept[kept[:, 1] == t, 2]] = True
+        out[j] = _value_of(int(ordered[n_keep - 1, 0]), dtype) if n_keep else None
+    return out
