@@ -130,8 +130,9 @@ def local_spec(spec: MaskSpec, part: ShardPart) -> MaskSpec:
     return replace(spec, hard=hard, tau=tau)
 
 
-# Small masks are gathered together up to this many entries per collective.
-GATHER_BATCH = 1 << 15
+# Masks are gathered together up to this many entries (bytes) per collective: the masks are
+# whole on every rank anyway, and every collective costs a round trip.
+GATHER_BATCH = 1 << 24
 
 
 class ShardGroup:
@@ -171,8 +172,7 @@ class ShardGroup:
         """The full tensors (``shapes``, dim 0 the grid rows) from every rank's local rows.
 
         One collective per batch of tensors whose padded size stays within the largest tensor's
-        or ``GATHER_BATCH`` entries, whichever is more: small masks travel together, and the
-        buffer is never larger than the largest full tensor (or ``GATHER_BATCH``).
+        or ``GATHER_BATCH`` entries, whichever is more (the buffer is never larger).
         """
         if not locals_:
             return []
