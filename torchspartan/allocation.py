@@ -203,6 +203,14 @@ class AllocationSolver:
                     runs=[[i] for i, _ in rest]).raise_non_finite()
         hard, _ = hard_select(pieces, [b for _, b in rest])
         grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, refs, strict=True)]
+        return self.write_each(refs, pieces, [b for _, b in rest], umax, grids, beta)
+
+    def write_each(self, refs: Sequence[MaskRef], pieces: Sequence[Piece],
+                   budgets: Sequence[float], umax: torch.Tensor, grids: Sequence[torch.Tensor],
+                   beta: float) -> tuple[int, float]:
+        """The end of :meth:`solve_each`: the soft thresholds of the Spartan masks among ``refs``
+        (one Newton solve, a segment each, warm-started from their thresholds), then every
+        mask written with its hard mask ``grids[k]``."""
         soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
         iterations, error = 0, 0.0
         if soft:
@@ -211,7 +219,7 @@ class AllocationSolver:
             warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
                        for k in soft)
             solution = solve_soft(
-                sub, torch.tensor([rest[k][1] for k in soft], dtype=torch.float64,
+                sub, torch.tensor([budgets[k] for k in soft], dtype=torch.float64,
                                   device=umax.device),
                 unit_max=umax[soft], reduce=self.reduce,
                 tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)

@@ -188,27 +188,7 @@ class ShardedSolver(AllocationSolver):
         grids = [h.view(self.parts[i].rows, *self.refs[i].mask.hard_mask.shape[1:])
                  for i, h in zip(ids, local, strict=True)]
         full = self.gather(ids, grids)
-        soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
-        iterations, error = 0, 0.0
-        if soft:
-            sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
-                   for j, k in enumerate(soft)]
-            warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
-                       for k in soft)
-            solution = solve_soft(
-                sub, torch.tensor([rest[k][1] for k in soft], dtype=torch.float64,
-                                  device=umax.device),
-                unit_max=umax[soft], reduce=self.reduce,
-                tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)
-            iterations, error = solution.evaluations, float(solution.error.max())
-            for j, k in enumerate(soft):
-                refs[k].mask.update(full[k], threshold=solution.tau[j],
-                                    beta=beta * math.sqrt(refs[k].mask.block_numel),
-                                    scope="local")
-        for k, r in enumerate(refs):
-            if r.mask.method != "spartan":
-                r.mask.update(full[k], threshold=r.mask.threshold)
-        return iterations, error
+        return self.write_each(refs, pieces, [b for _, b in rest], umax, full, beta)
 
     def global_max(self, idx: Sequence[int], pieces: Sequence[Piece], step: int
                    ) -> torch.Tensor:
