@@ -287,3 +287,49 @@ def test_sync_free_updates_give_the_synchronous_masks() -> None:
         for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
             assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), a.name
             torch.testing.assert_close(a.mask.threshold, b.mask.threshold, rtol=1e-5, atol=0)
+
+
+def test_held_route_gives_the_bounded_solution() -> None:
+    """With the floors binding step after step, the sync-free path tries last step's held set
+    with one read (torchspartan.held) and writes what the bounded solve writes."""
+    from torchspartan.held import HeldUpdate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
+        model[6].weight.mul_(3e-2)
+    ts.sparsify(model)
+    twin = copy.deepcopy(model)
+    sync, free = ts.MaskUpdater(model), ts.MaskUpdater(twin)
+    free.solver.sync_free = True  # the CUDA default, forced on the CPU
+    taken = []
+    commit = HeldUpdate.commit
+
+    def counted(self: HeldUpdate, *args: object) -> tuple[int, float]:
+        taken.append(len(self.held))
+        return commit(self, *args)  # type: ignore[arg-type]
+
+    HeldUpdate.commit = counted  # type: ignore[method-assign]
+    try:
+        gen = torch.Generator().manual_seed(1)
+        for step, (density, beta) in enumerate([(0.1, 2.0), (0.09, 2.5), (0.08, 3.0),
+                                                (0.08, 3.5), (0.07, 4.0)]):
+            if step:
+                with torch.no_grad():  # the weights move between updates
+                    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+                        noise = 1e-3 * torch.randn(a.shape, generator=gen)
+                        a.add_(noise)
+                        b.add_(noise)
+            ra, rb = sync.update(density, beta, step), free.update(density, beta, step)
+            assert ra.density == rb.density
+            for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+                assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), (step, a.name)
+                torch.testing.assert_close(a.mask.threshold, b.mask.threshold, rtol=1e-5,
+                                           atol=1e-7)
+    finally:
+        HeldUpdate.commit = commit  # type: ignore[method-assign]
+    assert taken and all(k >= 1 for k in taken)  # the held route wrote the masks
+    kept = {r.name: int(r.mask.hard_mask.sum()) for r in ts.find_masks(twin)}
+    assert kept["4.weight"] == 48  # its floor: one entry per output unit

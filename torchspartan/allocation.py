@@ -54,6 +54,8 @@ class AllocationSolver:
         self.written: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         # default floors (a density per mask index) that hold in budgets shared with others
         self.floors: dict[int, float] = {}
+        # per shared budget: the tensors its last bounded solve held at their lower bounds
+        self.held: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         self._new_couplings: list[Coupling] = []
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
@@ -144,6 +146,8 @@ class AllocationSolver:
         budget = density * sum(self.cost(i) for i in idx)
         iterations, error = 0, 0.0
         shared = len(idx) > 1
+        held: list[tuple[int, float]] = []
+        self.held.pop(idx, None)
 
         def low(i: int) -> float:
             return self.min_density(i, shared)
@@ -178,6 +182,9 @@ class AllocationSolver:
                 budget -= bound * self.cost(i)
                 free.remove(i)
             budget = max(budget, 0.0)
+            held += violators
+        if held and all(bound == low(i) for i, bound in held):
+            self.held[idx] = held  # all at their lower bounds: tried first next time
         return iterations, error
 
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float

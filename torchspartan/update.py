@@ -24,6 +24,7 @@ from torchspartan.bindings import Places, checked_refs
 from torchspartan.budget import Budget, SparsityOf
 from torchspartan.coupling import Coupling
 from torchspartan.floors import Floors
+from torchspartan.held import HeldUpdate
 from torchspartan.mask import SpartanMask
 from torchspartan.policies import (
     Allocation,
@@ -255,13 +256,16 @@ class MaskUpdater:
                     alloc_density: float) -> StepRecord | None:
         idx = tuple(self.alloc_index[j] for j in alloc.tensors)
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
+        floors = self.floors.bind(alloc)
+        route = HeldUpdate.make(self.solver, idx, budget, beta, step) if floors else None
+        if route is not None:  # the floors held last time: that set first, with one read
+            return self._update_held(route, step, old, alloc_density, beta)
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
         counts = self.budget.counts(old, new, pending.packed(old))
         n = len(pending.scalars)
         values = (torch.cat([torch.stack(pending.scalars), counts.values]).tolist()
                   if n else counts.values.tolist())
-        floors = self.floors.bind(alloc)
         if floors and self.floors.below(counts.read(values[n:])[1]) and (
                 not pending.scalars or values[0]):
             return None  # a default floor binds: nothing written, the bounded solve takes over
@@ -274,6 +278,28 @@ class MaskUpdater:
             return None
         return self.budget.record(old, None if redone else counts.read(values[n:]), step,
                                   alloc_density, beta, iterations, error, self.collapsed)
+
+    def _update_held(self, route: HeldUpdate, step: int, old: list[torch.Tensor],
+                     alloc_density: float, beta: float) -> StepRecord | None:
+        """:meth:`_update_one` along the held route (``torchspartan.held``); None: the held set
+        no longer fits (nothing written), the bounded solve takes over."""
+        free = route.free
+        hard_of = {**free.hard_of, **route.hard_of}
+        new = [hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
+        counts = self.budget.counts(old, new, free.packed(old))
+        n, k = len(free.scalars), len(route.scalars)
+        values = torch.cat([torch.stack([*free.scalars, *route.scalars]),
+                            counts.values]).tolist()
+        counted: tuple[float, list[float]] | None = counts.read(values[n + k:])
+        if counted is None or not route.holds(values[:n], values[n:n + k], counted[1],
+                                              self.floors.counts):
+            return None
+        iterations, error = route.commit(values[:n], values[n:n + k])
+        self.couplings += self.solver.take_couplings()
+        if any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True)):
+            counted = None  # a selection redone at the commit: count again
+        return self.budget.record(old, counted, step, alloc_density, beta, iterations, error,
+                                  self.collapsed)
 
     def release(self) -> None:
         """Unbind every coupling (before new ones are made, or when training ends)."""

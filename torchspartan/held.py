@@ -1,0 +1,120 @@
+"""A shared budget whose floors bound at the last update, recomputed on the device in one read.
+
+When tensors of a shared budget sit at their lower density bound (a default floor, or an
+explicit ``min_density``), the bounded solve (:meth:`AllocationSolver.solve_bounded`) finds them
+round by round, with host reads between the rounds. From one step to the next the set of such
+*held* tensors rarely changes, so the sync-free path (the default on CUDA) tries the last step's
+set first: the other tensors as one shared budget (a :class:`Pending`), each held tensor alone at
+its bound (a stable sort each on the device, one Newton solve for all), everything read at once.
+The set is still the bounded solution when (docs/design.md, "Floors"):
+
+- every other tensor keeps at least its bound at the shared hard threshold ``t``, and
+- every held tensor's own threshold (its bound-th largest unit value) lies strictly below ``t``
+  (freed, it would keep fewer entries than its bound).
+
+Then the masks are written as the bounded solve would write them; otherwise nothing is written
+and the bounded solve runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from torchspartan._engine import TOLERANCE, Piece, solve_soft
+from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Pending
+
+__all__ = ["HeldUpdate"]
+
+
+class HeldUpdate:
+    """The masks of budget ``idx`` with the tensors ``held`` (``(mask index, bound density)``)
+    at their bounds, computed on the device; see the module docstring. Build with :meth:`make`.
+
+    ``scalars`` are the device values to read (after ``free.scalars``), in order.
+    """
+
+    def __init__(self, solver: AllocationSolver, idx: tuple[int, ...],
+                 held: Sequence[tuple[int, float]], budget: float, beta: float, step: int
+                 ) -> None:
+        self.solver, self.held = solver, list(held)
+        ids = {i for i, _ in held}
+        rest = sum(bound * solver.cost(i) for i, bound in held)
+        self.free: Pending = solver.prepare(tuple(i for i in idx if i not in ids),
+                                            budget - rest, beta, step)
+        refs = [solver.refs[i] for i, _ in held]
+        units = [solver.units(i) for i, _ in held]
+        costs = [solver.unit_costs[i] * r.mask.block_numel for (i, _), r in zip(held, refs,
+                                                                                   strict=True)]
+        budgets = [bound * solver.cost(i) for i, bound in held]
+        self.hard_of: dict[int, torch.Tensor] = {}
+        thresholds = []
+        for (i, _), r, u, c, b in zip(held, refs, units, costs, budgets, strict=True):
+            # a bound keeps few entries (one per output unit): a stable sort on the device,
+            # ties to the lower position as the host selection keeps them
+            ranked, order = torch.sort(u, descending=True, stable=True)
+            count = math.floor(b / c + 0.5)
+            mask = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
+            self.hard_of[i] = mask.index_fill_(0, order[:count], True).view(
+                r.mask.hard_mask.shape)
+            thresholds.append(ranked[count - 1].to(torch.float64))
+        self.betas = [beta * math.sqrt(r.mask.block_numel) for r in refs]
+        pieces = [Piece(u.reshape(1, -1), b, c, k)
+                  for k, (u, b, c) in enumerate(zip(units, self.betas, costs, strict=True))]
+        umax = torch.stack([u.amax() for u in units]).double()
+        self.solution = solve_soft(
+            pieces, torch.tensor(budgets, dtype=torch.float64, device=umax.device),
+            unit_max=umax, tau_init=torch.stack([r.mask.threshold for r in refs]),
+            reduce=solver.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+        self.scalars = [*thresholds, torch.isfinite(umax).all().to(torch.float64),
+                        self.solution.error.max()]
+
+    @classmethod
+    def make(cls, solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta: float,
+             step: int) -> HeldUpdate | None:
+        """The held route for budget ``idx``, or None where it does not apply: no held set
+        remembered, a solver that is not the plain one, not the sync-free path, or a held mask
+        that is not a warm unstructured-or-block Spartan mask of float32 weights."""
+        held = solver.held.get(idx)
+        if not held or type(solver) is not AllocationSolver:
+            return None
+        refs = [solver.refs[i] for i, _ in held]
+        sync_free = solver.sync_free if solver.sync_free is not None else (
+            refs[0].theta.is_cuda)
+        ok = sync_free and len(held) < len(idx) and all(
+            r.mask.method == "spartan" and r.mask.soft_active and r.mask.threshold.dim() == 0
+            and r.theta.dtype == torch.float32
+            and 0 < bound * r.mask.hard_mask.numel() < r.mask.hard_mask.numel() - 0.5
+            for r, (_, bound) in zip(refs, held, strict=True))
+        return cls(solver, idx, held, budget, beta, step) if ok else None
+
+    def holds(self, free_values: Sequence[float], values: Sequence[float],
+              kept: Sequence[float], floors: dict[int, int]) -> bool:
+        """Whether the held set is still the bounded solution (module docstring), from the read
+        ``values`` (this object's :attr:`scalars`), ``free_values`` (the free budget's), and the
+        kept hard-mask entries of every mask; ``floors``: the lower bound in entries by mask."""
+        k = len(self.held)
+        if not values[k] or not values[k + 1] <= TOLERANCE:
+            return False
+        free = self.free
+        if free.threshold is not None:
+            t = free.threshold
+        elif len(free_values) >= 3 and free_values[0] and free_values[1]:
+            t = free_values[2]  # [finite, ok, threshold, ...]: selected on the device
+        else:
+            return False
+        if any(kept[i] < floors.get(i, 0) for i in free.idx):
+            return False
+        return all(threshold < t for threshold in values[:k])
+
+    def commit(self, free_values: Sequence[float], values: Sequence[float]) -> tuple[int, float]:
+        """Write every mask of the budget (the held ones each with its own threshold); returns
+        the Newton evaluations and the largest relative budget error."""
+        iterations, error = self.free.commit(free_values)
+        for k, (i, _) in enumerate(self.held):
+            self.solver.refs[i].mask.update(self.hard_of[i], threshold=self.solution.tau[k],
+                                            beta=self.betas[k], scope="local")
+        return (iterations + self.solution.evaluations,
+                max(error, float(values[len(self.held) + 1])))
