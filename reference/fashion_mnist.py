@@ -295,7 +295,9 @@ def _load_data(config: RunConfig) -> tuple[TensorDataset, TensorDataset, str]:
         where = "sklearn.datasets.load_digits"
     else:
         train, test, source = load_fashion_mnist(config.data_dir)
-        where = f"{source.kind}: {source.location}"
+        # no absolute path in a results file: the package's name, or the directory's own name
+        where = (f"{source.kind}: dataset-fashion-mnist package" if source.kind == "debian"
+                 else f"{source.kind}: {Path(str(source.location)).name}")
     train = subset(train, config.train_subset, seed=config.seed)
     test = subset(test, config.test_subset, seed=0)
     return train, test, where
