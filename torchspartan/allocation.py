@@ -208,7 +208,10 @@ class AllocationSolver:
         if not bool(torch.isfinite(umax).all()):
             Pending(self, tuple(i for i, _ in rest), 0, {}, pieces=pieces,
                     runs=[[i] for i, _ in rest]).raise_non_finite()
-        hard, _ = hard_select(pieces, [b for _, b in rest])
+        hard, thresholds = hard_select(pieces, [b for _, b in rest],
+                                       [self.hint((i,)) for i, _ in rest])
+        for (i, _), threshold in zip(rest, thresholds, strict=True):
+            self.remember((i,), threshold)
         grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, refs, strict=True)]
         return self.write_each(refs, pieces, [b for _, b in rest], umax, grids, beta)
 

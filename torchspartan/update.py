@@ -402,6 +402,22 @@ def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: l
     """Solve every allocation with ``solver`` (N:M rows, or a bounded shared budget), adding the
     couplings made to ``couplings``; returns the Newton evaluations and the budget error."""
     iterations, error = 0, 0.0
+    # tensors with a budget of their own and no density bounds (Uniform, ERK): one problem of
+    # a segment each, one selection call and one Newton solve for all of them (on the host path;
+    # the sync-free path keeps one device-side solve and one read per tensor)
+    sync_free = solver.sync_free if solver.sync_free is not None else bool(
+        solver.refs and solver.refs[0].theta.is_cuda)
+    batch = not sync_free or type(solver) is not AllocationSolver
+    alone = [(alloc_index[a.tensors[0]], a.density) for a in allocs if batch
+             if a.group is None and len(a.tensors) == 1
+             and solver.min_density(alloc_index[a.tensors[0]], False) == 0.0
+             and solver.refs[alloc_index[a.tensors[0]]].mask.max_density == 1.0]
+    if len(alone) > 1:
+        iterations, error = solver.solve_each([i for i, _ in alone],
+                                              [d * solver.cost(i) for i, d in alone], beta)
+        done = {i for i, _ in alone}
+        allocs = [a for a in allocs if a.group is not None or len(a.tensors) > 1
+                  or alloc_index[a.tensors[0]] not in done]
     for alloc in allocs:
         idx = tuple(alloc_index[j] for j in alloc.tensors)
         if alloc.group is not None:
