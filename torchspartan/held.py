@@ -25,6 +25,8 @@ import torch
 
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
 from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Pending
+from torchspartan.budget import Budget
+from torchspartan.state import StepRecord
 
 __all__ = ["HeldUpdate"]
 
@@ -39,7 +41,7 @@ class HeldUpdate:
     def __init__(self, solver: AllocationSolver, idx: tuple[int, ...],
                  held: Sequence[tuple[int, float]], budget: float, beta: float, step: int
                  ) -> None:
-        self.solver, self.held = solver, list(held)
+        self.solver, self.held, self.beta = solver, list(held), beta
         ids = {i for i, _ in held}
         rest = sum(bound * solver.cost(i) for i, bound in held)
         self.free: Pending = solver.prepare(tuple(i for i in idx if i not in ids),
@@ -118,3 +120,24 @@ class HeldUpdate:
                                             beta=self.betas[k], scope="local")
         return (iterations + self.solution.evaluations,
                 max(error, float(values[len(self.held) + 1])))
+
+    def apply(self, budget: Budget, floors: dict[int, int], old: list[torch.Tensor], step: int,
+              target: float, collapsed: set[str]) -> StepRecord | None:
+        """The whole update along this route: one read (the device values and the masks'
+        counts), the check, the writes; returns the step's record, or None when the held set
+        no longer fits (nothing written: the bounded solve takes over). The couplings made are
+        left in the solver (``take_couplings``)."""
+        free, refs = self.free, self.solver.refs
+        hard_of = {**free.hard_of, **self.hard_of}
+        new = [hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(refs)]
+        counts = budget.counts(old, new, free.packed(old))
+        n, k = len(free.scalars), len(self.scalars)
+        values = torch.cat([torch.stack([*free.scalars, *self.scalars]),
+                            counts.values]).tolist()
+        counted: tuple[float, list[float]] | None = counts.read(values[n + k:])
+        if counted is None or not self.holds(values[:n], values[n:n + k], counted[1], floors):
+            return None
+        iterations, error = self.commit(values[:n], values[n:n + k])
+        if any(r.mask.hard_mask is not h for r, h in zip(refs, new, strict=True)):
+            counted = None  # a selection redone at the commit: count again
+        return budget.record(old, counted, step, target, self.beta, iterations, error, collapsed)

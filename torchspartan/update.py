@@ -259,7 +259,10 @@ class MaskUpdater:
         floors = self.floors.bind(alloc)
         route = HeldUpdate.make(self.solver, idx, budget, beta, step) if floors else None
         if route is not None:  # the floors held last time: that set first, with one read
-            return self._update_held(route, step, old, alloc_density, beta)
+            record = route.apply(self.budget, self.floors.counts, old, step, alloc_density,
+                                 self.collapsed)
+            self.couplings += self.solver.take_couplings()
+            return record
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
         counts = self.budget.counts(old, new, pending.packed(old))
@@ -278,28 +281,6 @@ class MaskUpdater:
             return None
         return self.budget.record(old, None if redone else counts.read(values[n:]), step,
                                   alloc_density, beta, iterations, error, self.collapsed)
-
-    def _update_held(self, route: HeldUpdate, step: int, old: list[torch.Tensor],
-                     alloc_density: float, beta: float) -> StepRecord | None:
-        """:meth:`_update_one` along the held route (``torchspartan.held``); None: the held set
-        no longer fits (nothing written), the bounded solve takes over."""
-        free = route.free
-        hard_of = {**free.hard_of, **route.hard_of}
-        new = [hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
-        counts = self.budget.counts(old, new, free.packed(old))
-        n, k = len(free.scalars), len(route.scalars)
-        values = torch.cat([torch.stack([*free.scalars, *route.scalars]),
-                            counts.values]).tolist()
-        counted: tuple[float, list[float]] | None = counts.read(values[n + k:])
-        if counted is None or not route.holds(values[:n], values[n:n + k], counted[1],
-                                              self.floors.counts):
-            return None
-        iterations, error = route.commit(values[:n], values[n:n + k])
-        self.couplings += self.solver.take_couplings()
-        if any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True)):
-            counted = None  # a selection redone at the commit: count again
-        return self.budget.record(old, counted, step, alloc_density, beta, iterations, error,
-                                  self.collapsed)
 
     def release(self) -> None:
         """Unbind every coupling (before new ones are made, or when training ends)."""
