@@ -192,18 +192,9 @@ class AllocationSolver:
         """Masks ``idx[k]``, each alone with its budget ``budgets[k]`` (tensors held at a density
         bound), as one problem of one segment per tensor: one selection call and one Newton
         solve for all of them (not one each); writes the masks, each with its own threshold."""
-        total = [self.cost(i) for i in idx]
-        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
-                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
-        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
-            self.solve((i,), b, beta)
-        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
+        rest, refs, pieces = self.pieces_each(idx, budgets, beta)
         if not rest:
             return 0, 0.0
-        refs = [self.refs[i] for i, _ in rest]
-        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
-                        self.unit_costs[i] * r.mask.block_numel, k)
-                  for k, (i, r) in enumerate(zip([i for i, _ in rest], refs, strict=True))]
         umax = torch.stack([p.units.amax() for p in pieces]).double()
         if not bool(torch.isfinite(umax).all()):
             Pending(self, tuple(i for i, _ in rest), 0, {}, pieces=pieces,
@@ -214,6 +205,23 @@ class AllocationSolver:
             self.remember((i,), threshold)
         grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, refs, strict=True)]
         return self.write_each(refs, pieces, [b for _, b in rest], umax, grids, beta)
+
+    def pieces_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
+                    ) -> tuple[list[tuple[int, float]], list[MaskRef], list[Piece]]:
+        """The start of :meth:`solve_each`: the tensors kept whole or emptied (or alone) solved
+        by :meth:`solve`; for the rest, ``(mask index, budget)``, their refs and one piece
+        each (segment ``k`` for the ``k``-th)."""
+        total = [self.cost(i) for i in idx]
+        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
+                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
+        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
+            self.solve((i,), b, beta)
+        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
+        refs = [self.refs[i] for i, _ in rest]
+        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
+                        self.unit_costs[i] * r.mask.block_numel, k)
+                  for k, (i, r) in enumerate(zip([i for i, _ in rest], refs, strict=True))]
+        return rest, refs, pieces
 
     def write_each(self, refs: Sequence[MaskRef], pieces: Sequence[Piece],
                    budgets: Sequence[float], umax: torch.Tensor, grids: Sequence[torch.Tensor],

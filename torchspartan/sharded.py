@@ -167,19 +167,10 @@ class ShardedSolver(AllocationSolver):
         """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound), as one
         problem of one segment per tensor: one sharded selection, one gather of their masks and
         one Newton solve for all of them; writes the masks, each with its own threshold."""
-        total = [self.cost(i) for i in idx]
-        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
-                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
-        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
-            self.solve((i,), b, beta)
-        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
+        rest, refs, pieces = self.pieces_each(idx, budgets, beta)
         if not rest:
             return 0, 0.0
         ids = [i for i, _ in rest]
-        refs = [self.refs[i] for i in ids]
-        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
-                        self.unit_costs[i] * r.mask.block_numel, k)
-                  for k, (i, r) in enumerate(zip(ids, refs, strict=True))]
         umax = self.global_max(ids, pieces, 0)
         local, _ = select_segments([p.units.reshape(-1) for p in pieces],
                                    [float(p.cost) for p in pieces], list(range(len(rest))),
