@@ -333,3 +333,47 @@ def test_held_route_gives_the_bounded_solution() -> None:
     assert taken and all(k >= 1 for k in taken)  # the held route wrote the masks
     kept = {r.name: int(r.mask.hard_mask.sum()) for r in ts.find_masks(twin)}
     assert kept["4.weight"] == 48  # its floor: one entry per output unit
+
+
+@pytest.mark.parametrize("block", [None, (2, 2)])
+def test_held_tensors_join_the_batched_node_with_their_own_budget(
+        block: tuple[int, int] | None) -> None:
+    """Tensors held at their floors keep budgets of their own, but their weights are computed in
+    the shared budget's batched node: the same gradient as each computed alone, and the same
+    node again after a checkpoint is loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).double()
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)  # global magnitude would empty these: their floors bind
+        model[6].weight.mul_(3e-2)
+    ts.sparsify(model, block=block)
+    updater = ts.MaskUpdater(model)
+    updater.update(0.3, 3.0)
+    refs = ts.find_masks(model)
+    held = [r for r in refs if r.mask.scope == "local"]
+    assert {r.name for r in held} == {"4.weight", "6.weight"}
+    assert len(updater.couplings) == 1
+    assert all(r.mask.coupling is updater.couplings[0] for r in refs)
+    x, y = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return [r.theta.grad.clone() for r in refs]
+
+    batched = grads()
+    twin = copy.deepcopy(model)  # copies are unbound; the loaded state binds them again
+    loaded = ts.MaskUpdater(twin)
+    loaded.load_state_dict(updater.state_dict())
+    assert all(r.mask.coupling is loaded.couplings[0] for r in ts.find_masks(twin))
+    model_, model = model, twin
+    refs_ = refs
+    refs = ts.find_masks(twin)
+    assert all(torch.equal(a, b) for a, b in zip(batched, grads(), strict=True))
+    model, refs = model_, refs_
+    for r in held:  # each alone: the per-tensor path of a budget of its own
+        r.mask.unbind()
+    assert all(r.mask.coupling is None and r.mask.scope == "local" for r in held)
+    for r, a, b in zip(refs, batched, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=r.name)

@@ -76,6 +76,44 @@ class AllocationSolver:
                               [self.refs[i].mask.spec().sizes for i in idx])
         return Coupling(masks, thetas, slope, batched=batched)
 
+    def attach(self, couplings: Sequence[Coupling],
+               known: dict[int, tuple[float, float]] | None = None) -> None:
+        """Every Spartan mask with a budget of its own (held at a density bound) computed in
+        the batched node of the first of ``couplings`` with its weights' dtype and device, when
+        it can be (unstructured or blocks, one threshold): its forward and backward then take a
+        few multi-tensor ops with the others instead of a few ops each. ``known``: the
+        ``(threshold, beta)`` of masks whose values the caller has read; the others' are read
+        here, in one host read."""
+        nodes = [c for c in couplings if c.batched is not None]
+        if not nodes:
+            return
+        by_kind = {}
+        for c in reversed(nodes):
+            by_kind[(c.thetas[0].dtype, c.thetas[0].device)] = c
+        joining: dict[int, list[int]] = {}
+        for i, r in enumerate(self.refs):
+            c = by_kind.get((r.theta.dtype, r.theta.device))
+            m = r.mask
+            if c is not None and m.method == "spartan" and m.scope == "local" and (
+                    m.soft_active and m.threshold.dim() == 0 and m.coupling is None):
+                joining.setdefault(id(c), []).append(i)
+        known = known or {}
+        unknown = [i for ids in joining.values() for i in ids if i not in known]
+        if unknown:
+            read = torch.stack([torch.stack([self.refs[i].mask.threshold.double(),
+                                             self.refs[i].mask.beta.double()])
+                                for i in unknown]).tolist()
+            known = {**known, **{i: (t, b) for i, (t, b) in zip(unknown, read, strict=True)}}
+        for c in nodes:
+            ids = joining.get(id(c), [])
+            if ids:
+                refs = [self.refs[i] for i in ids]
+                c.attach([r.mask for r in refs], [r.theta for r in refs],
+                         [known[i][1] for i in ids],
+                         [self.unit_costs[i] * r.mask.block_numel for i, r in zip(ids, refs,
+                                                                                  strict=True)],
+                         [known[i][0] for i in ids], [r.mask.spec().sizes for r in refs])
+
     def restore(self, idx: Sequence[int], slope: float) -> Coupling:
         """The coupling of a checkpoint (its mask indices and slope), made for the masks'
         current state and bound to them."""
@@ -393,16 +431,8 @@ class Pending:
 
     def packed(self, old: Sequence[torch.Tensor]
                ) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]]:
-        """The runs whose new hard masks are views of one flat tensor, each with that tensor
-        and, when ``old`` (every mask's hard mask before the update) are still the views this
-        solver last wrote for the run, the flat tensor of those (else None)."""
-        out = []
-        for run, flat in self.flats:
-            written = self.solver.written.get(run)
-            same = written is not None and all(
-                old[i] is view for i, view in zip(run, written[1], strict=True))
-            out.append((run, flat, written[0] if same and written is not None else None))
-        return out
+        """The runs whose new hard masks are views of one flat tensor (see :func:`packed`)."""
+        return packed(self.solver, self.flats, old)
 
     def check_finite_now(self) -> None:
         if self.umax is not None and not bool(torch.isfinite(self.umax).all()):
@@ -469,6 +499,21 @@ class Pending:
         """Keep the flat tensors whose views the masks now hold (for the next :meth:`packed`)."""
         for run, flat in self.flats:
             self.solver.written[run] = (flat, [self.hard_of[i] for i in run])
+
+
+def packed(solver: AllocationSolver, flats: Sequence[tuple[tuple[int, ...], torch.Tensor]],
+           old: Sequence[torch.Tensor]
+           ) -> list[tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]]:
+    """The runs of masks whose new hard masks are views of one flat tensor, each with that
+    tensor and, when ``old`` (every mask's hard mask before the update) are still the views
+    ``solver`` last wrote for the run, the flat tensor of those (else None)."""
+    out = []
+    for run, flat in flats:
+        written = solver.written.get(run)
+        same = written is not None and all(
+            old[i] is view for i, view in zip(run, written[1], strict=True))
+        out.append((run, flat, written[0] if same and written is not None else None))
+    return out
 
 
 def bind(coupling: Coupling, masks: Sequence[SpartanMask]) -> None:

@@ -11,11 +11,15 @@ forward uses it, autograd sums ``G = dL/dtau`` over all of them (and over micro-
 node's backward adds ``G * d tau / d theta_i`` to each weight's gradient, so ``theta.grad`` is
 complete after ``backward()``: gradient clipping, accumulation and DDP need nothing special.
 
-When every mask of the segment is unstructured with one sharpness (the common global case), the
+When every mask of the segment is a Spartan mask (unstructured or blocks) of one dtype, the
 coupling computes all the masked weights at once instead (``batched``): one autograd node whose
 forward and backward are a fixed number of multi-tensor (``torch._foreach_*``) ops, whatever the
 number of tensors, with the cross-tensor term folded in. The first masked forward of a step
 computes every weight of the segment; the others take theirs from the cache.
+
+The tensors of the same budget held at a density bound (floors) have budgets of their own: a
+batched coupling computes their weights in the same node too (:meth:`Coupling.attach`), each
+with its own threshold and its own budget term (``G_k / S_k`` of its tensor alone).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class BoundMask(Protocol):
 
     def unbind(self, coupling: Coupling) -> None: ...
 
+    def join(self, coupling: Coupling) -> None: ...
+
 
 class Coupling:
     """The shared threshold of one budget segment over several masked weights.
@@ -57,18 +63,42 @@ class Coupling:
         self.thetas = list(thetas)
         self.slope = slope
         self.batched = batched
+        # masks of the budget held at a bound: in the batched node, with budgets of their own
+        self.locals: list[BoundMask] = []
+        self.local_thetas: list[torch.Tensor] = []
         self._index = {id(m): k for k, m in enumerate(self.masks)}
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._weights: tuple[tuple[int, ...], bool, tuple[torch.Tensor, ...]] | None = None
 
     def _key(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.thetas) + tuple(
-            m.threshold._version for m in self.masks)
+        return tuple(t._version for t in self.thetas + self.local_thetas) + tuple(
+            m.threshold._version for m in self.masks + self.locals)
 
     def owns(self, mask: BoundMask, theta: torch.Tensor) -> bool:
         """Whether ``theta`` is the weight this coupling holds for ``mask``."""
         k = self._index.get(id(mask))
-        return k is not None and self.thetas[k] is theta
+        return k is not None and (self.thetas + self.local_thetas)[k] is theta
+
+    def attach(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
+               betas: Sequence[float], costs: Sequence[float], taus: Sequence[float],
+               sizes: Sequence[tuple[int, ...]]) -> None:
+        """Compute the weights of ``masks`` in this (batched) coupling's node too, each with
+        its own threshold ``taus[k]`` and budget (a tensor held at its density bound): sharpness
+        ``betas[k]``, cost ``costs[k]`` per block-grid entry, block sizes ``sizes[k]``."""
+        b = self.batched
+        if b is None:
+            raise RuntimeError("Coupling.attach needs a batched coupling")
+        scales = [x / c for x, c in zip(betas, costs, strict=True)]
+        self.batched = Batched(b.betas + list(betas), b.scales + scales,
+                               b.offsets + [-(x * t) for x, t in zip(betas, taus, strict=True)],
+                               b.sizes + list(sizes), len(self.masks))
+        start = len(self.masks) + len(self.locals)
+        self.locals += masks
+        self.local_thetas += thetas
+        self._index.update({id(m): start + k for k, m in enumerate(masks)})
+        self._weights = None
+        for m in masks:
+            m.join(self)
 
     @torch.compiler.disable
     def weight(self, mask: BoundMask) -> torch.Tensor:
@@ -77,12 +107,14 @@ class Coupling:
         if self._weights is None or self._weights[0] != key or self._weights[1] != grad:
             if self.batched is None:
                 raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
-            info = _Info(self.batched, self.slope, [m.spec().hard for m in self.masks])
+            info = _Info(self.batched, self.slope,
+                         [m.spec().hard for m in self.masks + self.locals])
+            thetas = self.thetas + self.local_thetas
             if grad:
-                ws = _BatchedWeights.apply(info, *self.thetas)
+                ws = _BatchedWeights.apply(info, *thetas)
             else:
                 with torch.no_grad():
-                    ws = _batched_forward(info, self.thetas)
+                    ws = _batched_forward(info, thetas)
             self._weights = (key, grad, tuple(ws))
         return self._weights[2][self._index[id(mask)]]
 
@@ -99,10 +131,11 @@ class Coupling:
         return out
 
     def release(self) -> None:
-        """Unbind every mask of the segment (they then treat ``tau`` as a constant)."""
+        """Unbind every mask of the segment (they then treat ``tau`` as a constant) and every
+        attached one (they then compute their weights alone)."""
         self._cache = None
         self._weights = None
-        for m in self.masks:
+        for m in self.masks + self.locals:
             m.unbind(self)
 
 
@@ -146,16 +179,23 @@ class Batched:
     """Host numbers of a batched segment, per tensor: the sharpness ``beta_k``, ``beta_k / c_k``
     and the offset ``-beta_k * tau`` (read once per step with the solve's other results, so the
     forward and backward make no host synchronisation), and the block sizes (all 1:
-    unstructured)."""
+    unstructured). The first ``shared`` tensors share the segment's threshold (all of them
+    when ``None``); each later one has its own (:meth:`Coupling.attach`)."""
 
     betas: list[float]
     scales: list[float]
     offsets: list[float]
     sizes: list[tuple[int, ...]]
+    shared: int | None = None
 
     @property
     def blocked(self) -> bool:
         return any(any(b != 1 for b in s) for s in self.sizes)
+
+    @property
+    def split(self) -> int:
+        """The number of tensors that share the threshold (the rest have their own)."""
+        return len(self.betas) if self.shared is None else self.shared
 
 
 @dataclass(frozen=True)
@@ -238,24 +278,41 @@ class _BatchedWeights(torch.autograd.Function):
             n = len(thetas)
             return (None, *_blocked_backward(info, thetas, list(grads), ctx.m[:n], ctx.m[n:]))
         # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
-        scales, slope = info.batched.scales, info.slope
+        scales, slope, n = info.batched.scales, info.slope, info.batched.split
         beta = info.batched.betas[0]
         a = _soft_masks(info, thetas)
         out = list(torch._foreach_mul(grads, a))  # g m
         torch._foreach_addcmul_(a, a, a, value=-1)  # a = m (1 - m)
         t = list(torch._foreach_mul(a, grads))
         torch._foreach_mul_(t, thetas)  # a g theta
-        total = torch.stack([x.sum(dtype=torch.float64) for x in t]).sum()
-        g_tau = -beta * total  # dL/dtau, summed over the segment
+        each = torch.stack([x.sum(dtype=torch.float64) for x in t])
         # sign(theta) a ((beta/c) g theta + G beta / S)  ==  (beta/c) a g |theta| + the cross term
+        local = _local_terms(info, a[n:], each[n:], [-s for s in scales[n:]])
         torch._foreach_mul_(t, scales)
-        torch._foreach_mul_(a, (_over_slope(g_tau, slope) * beta).to(a[0].dtype))
+        if n:
+            g_tau = -beta * each[:n].sum()  # dL/dtau, summed over the segment
+            torch._foreach_mul_(a[:n], (_over_slope(g_tau, slope) * beta).to(a[0].dtype))
+        if local:
+            torch._foreach_mul_(a[n:], local)
         torch._foreach_add_(t, a)
         torch._foreach_copy_(a, thetas)
         torch._foreach_sign_(a)
         torch._foreach_mul_(t, a)
         torch._foreach_add_(out, t)
         return (None, *out)
+
+
+def _local_terms(info: _Info, a: list[torch.Tensor], sums: torch.Tensor, factors: list[float]
+                 ) -> list[torch.Tensor]:
+    """``factor_k * sums_k / sum(a_k)`` of every attached tensor (its own budget: ``G_k / S_k``
+    up to the factor), 0 where ``sum(a_k) = 0``, as 0-dim tensors in ``a``'s dtype."""
+    if not a:
+        return []
+    den = torch.stack(torch._foreach_norm(a, 1, dtype=torch.float64))  # a >= 0: its sum
+    num = sums * sums.new_tensor(factors)
+    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
+                      torch.zeros_like(num)).to(a[0].dtype)
+    return list(out.unbind())
 
 
 def _over_slope(g_tau: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
@@ -282,10 +339,17 @@ def _blocked_backward(info: _Info, thetas: list[torch.Tensor], grads: list[torch
     positive = torch.stack(torch._foreach_norm(torch._foreach_clamp_min(ga, 0.0), 1,
                                                dtype=torch.float64))
     sums = positive.mul_(2).sub_(absolute)
-    g_tau = -(sums * sums.new_tensor(b.betas)).sum()  # dL/dtau
+    n = b.split
+    # attached tensors: G_k / S_k = -sums_k / (c_k sum(a_k)), their own budgets
+    local = _local_terms(info, a[n:], sums[n:], [-s / x for s, x in zip(
+        b.scales[n:], b.betas[n:], strict=True)])
     torch._foreach_mul_(ga, b.scales)  # (beta/c) a g_m
     torch._foreach_mul_(a, b.betas)
-    torch._foreach_mul_(a, _over_slope(g_tau, info.slope).to(a[0].dtype))
+    if n:
+        g_tau = -(sums[:n] * sums.new_tensor(b.betas[:n])).sum()  # dL/dtau
+        torch._foreach_mul_(a[:n], _over_slope(g_tau, info.slope).to(a[0].dtype))
+    if local:
+        torch._foreach_mul_(a[n:], local)
     torch._foreach_add_(ga, a)  # dL/dv
     signs = torch._foreach_sign(views)
     return [torch.mul(g, mk).addcmul_(sg, dv).view(t.shape)

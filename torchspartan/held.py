@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
-from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Pending
+from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Pending, packed
+from torchspartan.mask import update_masks
 from torchspartan.budget import Budget
 from torchspartan.state import StepRecord
 
@@ -35,43 +36,62 @@ class HeldUpdate:
     """The masks of budget ``idx`` with the tensors ``held`` (``(mask index, bound density)``)
     at their bounds, computed on the device; see the module docstring. Build with :meth:`make`.
 
-    ``scalars`` are the device values to read (after ``free.scalars``), in order.
+    ``values`` are the device values to read (after ``free.scalars``), in order.
     """
 
     def __init__(self, solver: AllocationSolver, idx: tuple[int, ...],
                  held: Sequence[tuple[int, float]], budget: float, beta: float, step: int
                  ) -> None:
-        self.solver, self.held, self.beta = solver, list(held), beta
+        self.solver, self.beta = solver, beta
+        refs = solver.refs
+
+        def kind(i: int) -> tuple[int, float, int]:  # tensors stacked as rows of one piece
+            r = refs[i]
+            return (r.mask.hard_mask.numel(), solver.unit_costs[i], r.mask.block_numel)
+
+        # one group per (length, cost, block size), each stacked as the rows of one buffer:
+        # segment k is the k-th held tensor in this order
+        groups: dict[tuple[int, float, int], list[tuple[int, float]]] = {}
+        for i, bound in held:
+            groups.setdefault(kind(i), []).append((i, bound))
+        self.held = [h for members in groups.values() for h in members]
         ids = {i for i, _ in held}
         rest = sum(bound * solver.cost(i) for i, bound in held)
         self.free: Pending = solver.prepare(tuple(i for i in idx if i not in ids),
                                             budget - rest, beta, step)
-        refs = [solver.refs[i] for i, _ in held]
-        units = [solver.units(i) for i, _ in held]
-        costs = [solver.unit_costs[i] * r.mask.block_numel for (i, _), r in zip(held, refs,
-                                                                                   strict=True)]
-        budgets = [bound * solver.cost(i) for i, bound in held]
+        self.betas = [beta * math.sqrt(refs[i].mask.block_numel) for i, _ in self.held]
         self.hard_of: dict[int, torch.Tensor] = {}
-        thresholds = []
-        for (i, _), r, u, c, b in zip(held, refs, units, costs, budgets, strict=True):
-            # a bound keeps few entries (one per output unit): a stable sort on the device,
-            # ties to the lower position as the host selection keeps them
-            ranked, order = torch.sort(u, descending=True, stable=True)
-            count = math.floor(b / c + 0.5)
-            mask = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
-            self.hard_of[i] = mask.index_fill_(0, order[:count], True).view(
-                r.mask.hard_mask.shape)
-            thresholds.append(ranked[count - 1].to(torch.float64))
-        self.betas = [beta * math.sqrt(r.mask.block_numel) for r in refs]
-        pieces = [Piece(u.reshape(1, -1), b, c, k)
-                  for k, (u, b, c) in enumerate(zip(units, self.betas, costs, strict=True))]
-        umax = torch.stack([u.amax() for u in units]).double()
+        self.runs: list[tuple[tuple[int, ...], torch.Tensor]] = []
+        pieces, umax, thresholds, budgets = [], [], [], []
+        for (length, unit_cost, block), members in groups.items():
+            run = tuple(i for i, _ in members)
+            units = torch.stack([solver.units(i) for i in run])  # (tensors, length)
+            cost = unit_cost * block
+            counts = [math.floor(bound * solver.cost(i) / cost + 0.5) for i, bound in members]
+            budgets += [bound * solver.cost(i) for i, bound in members]
+            # a bound keeps few entries (one per output unit): a stable sort per row on the
+            # device, ties to the lower position as the host selection keeps them
+            ranked, order = torch.sort(units, dim=1, descending=True, stable=True)
+            count = torch.tensor(counts, device=units.device).unsqueeze(1)
+            keep = torch.arange(length, device=units.device) < count
+            rows = torch.zeros_like(keep).scatter_(1, order, keep)
+            for i, row in zip(run, rows, strict=True):
+                self.hard_of[i] = row.view(refs[i].mask.hard_mask.shape)
+            self.runs.append((run, rows.reshape(-1)))
+            thresholds.append(ranked.gather(1, count - 1).reshape(-1))
+            pieces.append(Piece(units, beta * math.sqrt(block), cost,
+                                sum(p.segments for p in pieces), rowwise=True))
+            umax.append(units.amax(1))
+        unit_max = torch.cat(umax).double()
         self.solution = solve_soft(
-            pieces, torch.tensor(budgets, dtype=torch.float64, device=umax.device),
-            unit_max=umax, tau_init=torch.stack([r.mask.threshold for r in refs]),
+            pieces, torch.tensor(budgets, dtype=torch.float64, device=unit_max.device),
+            unit_max=unit_max, tau_init=torch.stack([refs[i].mask.threshold for i, _ in self.held]),
             reduce=solver.reduce, max_iter=NEWTON_UNCHECKED, check=False)
-        self.scalars = [*thresholds, torch.isfinite(umax).all().to(torch.float64),
-                        self.solution.error.max()]
+        # read: the hard thresholds, finite, the budget error, the soft thresholds
+        self.values = torch.cat([torch.cat(thresholds).double(),
+                                 torch.isfinite(unit_max).all().double().reshape(1),
+                                 self.solution.error.max().reshape(1), self.solution.tau])
+        self.known: dict[int, tuple[float, float]] = {}
 
     @classmethod
     def make(cls, solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta: float,
@@ -95,7 +115,7 @@ class HeldUpdate:
     def holds(self, free_values: Sequence[float], values: Sequence[float],
               kept: Sequence[float], floors: dict[int, int]) -> bool:
         """Whether the held set is still the bounded solution (module docstring), from the read
-        ``values`` (this object's :attr:`scalars`), ``free_values`` (the free budget's), and the
+        ``values`` (this object's :attr:`values`), ``free_values`` (the free budget's), and the
         kept hard-mask entries of every mask; ``floors``: the lower bound in entries by mask."""
         k = len(self.held)
         if not values[k] or not values[k + 1] <= TOLERANCE:
@@ -115,11 +135,15 @@ class HeldUpdate:
         """Write every mask of the budget (the held ones each with its own threshold); returns
         the Newton evaluations and the largest relative budget error."""
         iterations, error = self.free.commit(free_values)
-        for k, (i, _) in enumerate(self.held):
-            self.solver.refs[i].mask.update(self.hard_of[i], threshold=self.solution.tau[k],
-                                            beta=self.betas[k], scope="local")
-        return (iterations + self.solution.evaluations,
-                max(error, float(values[len(self.held) + 1])))
+        k = len(self.held)
+        masks = [self.solver.refs[i].mask for i, _ in self.held]
+        update_masks(masks, [self.hard_of[i] for i, _ in self.held], threshold=self.solution.tau,
+                     betas=self.betas, scope="local")
+        for run, flat in self.runs:
+            self.solver.written[run] = (flat, [self.hard_of[i] for i in run])
+        self.known = {i: (tau, b) for (i, _), tau, b in zip(self.held, values[k + 2:],
+                                                             self.betas, strict=True)}
+        return iterations + self.solution.evaluations, max(error, float(values[k + 1]))
 
     def apply(self, budget: Budget, floors: dict[int, int], old: list[torch.Tensor], step: int,
               target: float, collapsed: set[str]) -> StepRecord | None:
@@ -130,10 +154,10 @@ class HeldUpdate:
         free, refs = self.free, self.solver.refs
         hard_of = {**free.hard_of, **self.hard_of}
         new = [hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(refs)]
-        counts = budget.counts(old, new, free.packed(old))
-        n, k = len(free.scalars), len(self.scalars)
-        values = torch.cat([torch.stack([*free.scalars, *self.scalars]),
-                            counts.values]).tolist()
+        counts = budget.counts(old, new, free.packed(old) + packed(self.solver, self.runs, old))
+        n, k = len(free.scalars), len(self.values)
+        values = torch.cat([torch.stack(free.scalars), self.values, counts.values]).tolist() \
+            if n else torch.cat([self.values, counts.values]).tolist()
         counted: tuple[float, list[float]] | None = counts.read(values[n + k:])
         if counted is None or not self.holds(values[:n], values[n:n + k], counted[1], floors):
             return None

@@ -138,11 +138,11 @@ class SpartanMask(nn.Module):
         spec = self.spec()
         tau: torch.Tensor | None = None
         coupling = self._coupling
-        if coupling is not None and spec.scope == "shared" and spec.soft and (
+        if coupling is not None and spec.scope != "none" and spec.soft and (
                 spec.method == "spartan"):
             if coupling.batched and coupling.owns(self, theta):
                 return coupling.weight(self)  # compiler-disabled
-            if torch.is_grad_enabled() and theta.requires_grad:
+            if spec.scope == "shared" and torch.is_grad_enabled() and theta.requires_grad:
                 tau = coupling.threshold()  # compiler-disabled
         return MaskedWeight.apply(theta, tau, spec)
 
@@ -195,6 +195,19 @@ class SpartanMask(nn.Module):
             self._coupling._cache = None
         self._coupling = coupling
         self._scope = scope if beta > 0 else "none"
+
+    def join(self, coupling: Coupling) -> None:
+        """Have ``coupling``'s batched node compute this mask's weight (its own threshold and
+        budget: ``scope="local"``, as it is); see :meth:`Coupling.attach`."""
+        if self._scope != "local":
+            raise ValueError(f"only a mask with a budget of its own joins a coupling, this one "
+                             f"has scope={self._scope!r}")
+        self._coupling = coupling
+
+    @property
+    def scope(self) -> Scope:
+        """Where the threshold's budget lives: ``"shared"``, ``"local"`` or ``"none"``."""
+        return self._scope
 
     def unbind(self, coupling: Coupling | None = None) -> None:
         """Drop the shared threshold (``tau`` becomes a constant); only ``coupling``'s if given."""
@@ -368,16 +381,17 @@ def update_masks(masks: Sequence[SpartanMask], hard_masks: Sequence[torch.Tensor
                  threshold: torch.Tensor, betas: Sequence[float], scope: Scope = "none",
                  coupling: Coupling | None = None) -> None:
     """:meth:`SpartanMask.update` of several masks with one 0-dim ``threshold`` (on their
-    device), each with its beta: the buffer writes are three multi-tensor ops, not two per mask.
-    Every hard mask is checked before anything is written."""
+    device), or one each (a 1-D ``threshold``), each with its beta: the buffer writes are three
+    multi-tensor ops, not two per mask. Every hard mask is checked before anything is written."""
     for m, h in zip(masks, hard_masks, strict=True):
         m._check_hard(h)
     taus = [m.threshold for m in masks]
+    each = list(threshold.unbind()) if threshold.dim() == 1 else [threshold] * len(taus)
     if any(t.shape != () or t.device != threshold.device for t in taus):
-        for m, h, b in zip(masks, hard_masks, betas, strict=True):
-            m.update(h, threshold=threshold, beta=b, scope=scope, coupling=coupling)
+        for m, h, b, t in zip(masks, hard_masks, betas, each, strict=True):
+            m.update(h, threshold=t, beta=b, scope=scope, coupling=coupling)
         return
-    torch._foreach_copy_(taus, [threshold] * len(taus))
+    torch._foreach_copy_(taus, each)
     beta_buffers = [m.beta for m in masks]
     torch._foreach_zero_(beta_buffers)
     torch._foreach_add_(beta_buffers, [float(b) for b in betas])

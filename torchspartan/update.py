@@ -122,6 +122,8 @@ class MaskUpdater:
         self.floors = Floors(self.solver, self.tensors, self.alloc_index,
                              [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings: list[Coupling] = []
+        # (threshold, beta) of the held masks, read by the last update's held route
+        self._known: dict[int, tuple[float, float]] = {}
         self._planned: tuple[float, float, float, list[Allocation]] | None = None
 
     def check_bindings(self) -> None:
@@ -225,12 +227,14 @@ class MaskUpdater:
                 # one host read, then written (no sync on the way with a sync-free solver)
                 one = self._update_one(allocs[0], beta, step, old, alloc_density)
                 if one is not None:
+                    self.solver.attach(self.couplings, self._known)
                     self.last_record = one
                     return one
                 # a default floor binds: the bounded solve below (nothing was written)
             iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
                                           self.couplings)
             self.couplings = live_couplings(self.couplings)
+            self.solver.attach(self.couplings)
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
@@ -258,10 +262,12 @@ class MaskUpdater:
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
         floors = self.floors.bind(alloc)
         route = HeldUpdate.make(self.solver, idx, budget, beta, step) if floors else None
+        self._known = {}
         if route is not None:  # the floors held last time: that set first, with one read
             record = route.apply(self.budget, self.floors.counts, old, step, alloc_density,
                                  self.collapsed)
             self.couplings += self.solver.take_couplings()
+            self._known = route.known
             return record
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
@@ -342,6 +348,7 @@ class MaskUpdater:
             if i not in coupled and r.mask.soft_active and r.mask.method == "spartan":
                 r.mask.update(r.mask.hard_mask, threshold=r.mask.threshold,
                               beta=float(r.mask.beta), scope="local")
+        self.solver.attach(self.couplings)
         self.solver.hints = parsed.hints
         self.collapsed = parsed.collapsed
         self.last_record = parsed.last_record
