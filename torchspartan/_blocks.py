@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "BlockedViews",
     "block_mul",
     "block_reduce",
     "block_sizes",
@@ -69,3 +70,25 @@ def from_rows(rows: torch.Tensor, shape: Sequence[int], group: int | None) -> to
         return rows.reshape(shape)
     moved = [shape[0], *shape[2:], shape[1]]
     return rows.reshape(moved).movedim(-1, 1)
+
+
+class BlockedViews:
+    """Blocked views ``(n0/b0, b0, n1/b1, ...)`` of weights, made once and kept between steps
+    (each view is a dispatched op; the batched masks use them every forward, backward and
+    update). A view is made again when its weight's storage or shape changed
+    (``module.to(...)``); a weight that is not contiguous gets a fresh reshape each time."""
+
+    def __init__(self) -> None:
+        self._views: dict[int, tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
+
+    def of(self, theta: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        sizes = tuple(sizes)
+        entry = self._views.get(id(theta))
+        if entry is not None and entry[0] is theta and entry[1] == sizes and (
+                entry[2].data_ptr() == theta.data_ptr()) and theta.is_contiguous():
+            return entry[2]
+        with torch.no_grad():
+            view = theta.reshape(interleaved(theta.shape, sizes)[0])
+        if theta.is_contiguous():
+            self._views[id(theta)] = (theta, sizes, view)
+        return view

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from torchspartan._blocks import block_reduce, from_rows, to_rows
+from torchspartan._blocks import BlockedViews, from_rows, to_rows
 from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, solve_soft
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
@@ -57,6 +58,7 @@ class AllocationSolver:
         # per shared budget: the tensors its last bounded solve held at their lower bounds
         self.held: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         self._new_couplings: list[Coupling] = []
+        self.views = BlockedViews()  # of the block masks' weights, kept between steps
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
                  ) -> Coupling:
@@ -74,7 +76,7 @@ class AllocationSolver:
             batched = Batched(betas, [b / c for b, c in zip(betas, costs, strict=True)],
                               [-(b * tau) for b in betas],
                               [self.refs[i].mask.spec().sizes for i in idx])
-        return Coupling(masks, thetas, slope, batched=batched)
+        return Coupling(masks, thetas, slope, batched=batched, views=self.views)
 
     def attach(self, couplings: Sequence[Coupling],
                known: dict[int, tuple[float, float]] | None = None) -> None:
@@ -145,8 +147,11 @@ class AllocationSolver:
         one multi-tensor ``abs``, a view per tensor, one copy, one division (no copy for one
         tensor)."""
         refs = [self.refs[i] for i in run]
-        absolute = torch._foreach_abs([r.theta for r in refs])
-        flat = [block_reduce(a, r.mask.spec().sizes).reshape(-1) if r.mask.block is not None
+        sizes = [r.mask.spec().sizes for r in refs]
+        absolute = torch._foreach_abs([
+            self.views.of(r.theta, s) if r.mask.block is not None else r.theta
+            for r, s in zip(refs, sizes, strict=True)])
+        flat = [a.sum(dim=tuple(range(1, a.dim(), 2))).reshape(-1) if r.mask.block is not None
                 else a.reshape(-1) for a, r in zip(absolute, refs, strict=True)]
         v = flat[0] if len(flat) == 1 else torch.cat(flat)
         if v.dtype not in (torch.float32, torch.float64):
@@ -305,15 +310,17 @@ class AllocationSolver:
         values = torch.stack(pending.scalars).tolist() if pending.scalars else []
         return pending.commit(values)
 
-    def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0
-                ) -> Pending:
+    def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0,
+                extra: Extra | None = None) -> Pending:
         """Compute one shared budget's masks without writing them; ``Pending.scalars`` are the
         device values its ``commit`` needs (read by the caller, with others, in one sync).
 
         With ``sync_free`` (default: on CUDA) the hard selection runs on the device
         (:func:`select_on_device`) and a warm-started Newton solve runs a fixed number of
         evaluations, both checked at the commit (and redone there on the rare failure), so
-        that preparing makes no host synchronisation.
+        that preparing makes no host synchronisation. ``extra``: more segments (tensors held
+        at their bounds) solved by the same warm-started Newton iteration when it runs
+        (``Pending.joint``; their thresholds follow the budget's in ``solution.tau``).
         """
         masks = [self.refs[i].mask for i in idx]
         total = sum(self.cost(i) for i in idx)
@@ -344,7 +351,15 @@ class AllocationSolver:
             m.soft_active for m in masks)
         budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
         tau_init = first.threshold.reshape(1) if warm else None
-        if sync_free and warm:
+        if sync_free and warm and extra is not None and tau_init is not None:
+            more = [Piece(p.units, p.beta, p.cost, p.segment + 1, p.rowwise)
+                    for p in extra.pieces]
+            solution = solve_soft(pieces + more, torch.cat([budgets, extra.budgets]),
+                                  unit_max=torch.cat([umax, extra.unit_max]),
+                                  tau_init=torch.cat([tau_init, extra.tau_init]),
+                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+            pending.joint = True
+        elif sync_free and warm:
             solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
                                   reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False)
         else:
@@ -400,6 +415,18 @@ class AllocationSolver:
 NEWTON_UNCHECKED = 4
 
 
+@dataclass(frozen=True)
+class Extra:
+    """Segments that :meth:`AllocationSolver.prepare` solves with its budget (segment 0): their
+    pieces (segments from 0), budgets, largest unit values (one per piece row sum) and warm
+    starts, all float64 but the pieces."""
+
+    pieces: list[Piece]
+    budgets: torch.Tensor
+    unit_max: torch.Tensor
+    tau_init: torch.Tensor
+
+
 class Pending:
     """One shared budget's masks, computed but not yet written (see ``prepare``).
 
@@ -418,6 +445,7 @@ class Pending:
         self.flats: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.threshold: float | None = None  # the hard threshold, when known on the host
         self.solution: SoftSolution | None = None
+        self.joint = False  # the solution holds the extra segments of ``prepare`` too
 
     def set_hard(self, hard: list[torch.Tensor]) -> None:
         refs = self.solver.refs

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from torchspartan._blocks import block_mul, interleaved
+from torchspartan._blocks import BlockedViews, block_mul, interleaved
 from torchspartan._kernels import MaskSpec, soft_mask
 
 __all__ = ["Batched", "Coupling"]
@@ -58,7 +58,9 @@ class Coupling:
     """
 
     def __init__(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
-                 slope: torch.Tensor, *, batched: Batched | None = None) -> None:
+                 slope: torch.Tensor, *, batched: Batched | None = None,
+                 views: BlockedViews | None = None) -> None:
+        self.views = views if views is not None else BlockedViews()
         self.masks = list(masks)
         self.thetas = list(thetas)
         self.slope = slope
@@ -107,9 +109,12 @@ class Coupling:
         if self._weights is None or self._weights[0] != key or self._weights[1] != grad:
             if self.batched is None:
                 raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
-            info = _Info(self.batched, self.slope,
-                         [m.spec().hard for m in self.masks + self.locals])
             thetas = self.thetas + self.local_thetas
+            b = self.batched
+            views = [self.views.of(t, s) for t, s in zip(thetas, b.sizes, strict=True)] if (
+                b.blocked) else None
+            info = _Info(b, self.slope, [m.spec().hard for m in self.masks + self.locals],
+                         views)
             if grad:
                 ws = _BatchedWeights.apply(info, *thetas)
             else:
@@ -203,6 +208,7 @@ class _Info:
     batched: Batched
     slope: torch.Tensor
     hards: list[torch.Tensor]
+    views: list[torch.Tensor] | None = None  # blocked views of the weights (blocks only)
 
 
 @torch.no_grad()
@@ -236,7 +242,7 @@ def _batched_forward(info: _Info, thetas: Sequence[torch.Tensor], keep: list[tor
     """``theta * m * h`` of every tensor; block masks put their soft masks (grid-sized) in
     ``keep`` when given, for the backward."""
     if info.batched.blocked:
-        views = _blocked_views(info, thetas)
+        views = info.views if info.views is not None else _blocked_views(info, thetas)
         m = _soft_masks(info, views)
         if keep is not None:
             keep += [*m, *views]

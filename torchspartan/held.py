@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
-from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Pending, packed
+from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Extra, Pending, packed
 from torchspartan.mask import update_masks
 from torchspartan.budget import Budget
 from torchspartan.state import StepRecord
@@ -55,17 +55,13 @@ class HeldUpdate:
         for i, bound in held:
             groups.setdefault(kind(i), []).append((i, bound))
         self.held = [h for members in groups.values() for h in members]
-        ids = {i for i, _ in held}
-        rest = sum(bound * solver.cost(i) for i, bound in held)
-        self.free: Pending = solver.prepare(tuple(i for i in idx if i not in ids),
-                                            budget - rest, beta, step)
         self.betas = [beta * math.sqrt(refs[i].mask.block_numel) for i, _ in self.held]
         self.hard_of: dict[int, torch.Tensor] = {}
         self.runs: list[tuple[tuple[int, ...], torch.Tensor]] = []
         pieces, umax, thresholds, budgets = [], [], [], []
         for (length, unit_cost, block), members in groups.items():
             run = tuple(i for i, _ in members)
-            units = torch.stack([solver.units(i) for i in run])  # (tensors, length)
+            units = solver.packed_units(run).view(len(run), length)  # a row per tensor
             cost = unit_cost * block
             counts = [math.floor(bound * solver.cost(i) / cost + 0.5) for i, bound in members]
             budgets += [bound * solver.cost(i) for i, bound in members]
@@ -83,14 +79,28 @@ class HeldUpdate:
                                 sum(p.segments for p in pieces), rowwise=True))
             umax.append(units.amax(1))
         unit_max = torch.cat(umax).double()
-        self.solution = solve_soft(
-            pieces, torch.tensor(budgets, dtype=torch.float64, device=unit_max.device),
-            unit_max=unit_max, tau_init=torch.stack([refs[i].mask.threshold for i, _ in self.held]),
-            reduce=solver.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+        extra = Extra(pieces, torch.tensor(budgets, dtype=torch.float64, device=unit_max.device),
+                      unit_max, torch.stack([refs[i].mask.threshold for i, _ in self.held]))
+        # the other tensors: one shared budget, solved with the held ones' when it can be
+        ids = {i for i, _ in held}
+        rest = sum(bound * solver.cost(i) for i, bound in held)
+        self.free: Pending = solver.prepare(tuple(i for i in idx if i not in ids),
+                                            budget - rest, beta, step, extra)
+        self.evaluations = 0
+        if self.free.joint and self.free.solution is not None:
+            tau = self.free.solution.tau[1:]
+            error = self.free.solution.error[1:].max()
+        else:
+            solution = solve_soft(pieces, extra.budgets, unit_max=unit_max,
+                                  tau_init=extra.tau_init, reduce=solver.reduce,
+                                  max_iter=NEWTON_UNCHECKED, check=False)
+            tau, error, self.evaluations = solution.tau, solution.error.max(), (
+                solution.evaluations)
+        self.tau = tau
         # read: the hard thresholds, finite, the budget error, the soft thresholds
         self.values = torch.cat([torch.cat(thresholds).double(),
                                  torch.isfinite(unit_max).all().double().reshape(1),
-                                 self.solution.error.max().reshape(1), self.solution.tau])
+                                 error.reshape(1), tau])
         self.known: dict[int, tuple[float, float]] = {}
 
     @classmethod
@@ -137,13 +147,13 @@ class HeldUpdate:
         iterations, error = self.free.commit(free_values)
         k = len(self.held)
         masks = [self.solver.refs[i].mask for i, _ in self.held]
-        update_masks(masks, [self.hard_of[i] for i, _ in self.held], threshold=self.solution.tau,
+        update_masks(masks, [self.hard_of[i] for i, _ in self.held], threshold=self.tau,
                      betas=self.betas, scope="local")
         for run, flat in self.runs:
             self.solver.written[run] = (flat, [self.hard_of[i] for i in run])
         self.known = {i: (tau, b) for (i, _), tau, b in zip(self.held, values[k + 2:],
                                                              self.betas, strict=True)}
-        return iterations + self.solution.evaluations, max(error, float(values[k + 1]))
+        return iterations + self.evaluations, max(error, float(values[k + 1]))
 
     def apply(self, budget: Budget, floors: dict[int, int], old: list[torch.Tensor], step: int,
               target: float, collapsed: set[str]) -> StepRecord | None:
