@@ -45,13 +45,13 @@ class HeldUpdate:
         self.solver, self.beta = solver, beta
         refs = solver.refs
 
-        def kind(i: int) -> tuple[int, float, int]:  # tensors stacked as rows of one piece
+        def kind(i: int) -> tuple[tuple[int, ...], float, int]:  # stacked as rows of a piece
             r = refs[i]
-            return (r.mask.hard_mask.numel(), solver.unit_costs[i], r.mask.block_numel)
+            return (tuple(r.mask.hard_mask.shape), solver.unit_costs[i], r.mask.block_numel)
 
-        # one group per (length, cost, block size), each stacked as the rows of one buffer:
+        # one group per (grid shape, cost, block size), each stacked as the rows of one buffer:
         # segment k is the k-th held tensor in this order
-        groups: dict[tuple[int, float, int], list[tuple[int, float]]] = {}
+        groups: dict[tuple[tuple[int, ...], float, int], list[tuple[int, float]]] = {}
         for i, bound in held:
             groups.setdefault(kind(i), []).append((i, bound))
         self.held = [h for members in groups.values() for h in members]
@@ -59,8 +59,9 @@ class HeldUpdate:
         self.hard_of: dict[int, torch.Tensor] = {}
         self.runs: list[tuple[tuple[int, ...], torch.Tensor]] = []
         pieces, umax, thresholds, budgets = [], [], [], []
-        for (length, unit_cost, block), members in groups.items():
+        for (shape, unit_cost, block), members in groups.items():
             run = tuple(i for i, _ in members)
+            length = math.prod(shape)
             units = solver.packed_units(run).view(len(run), length)  # a row per tensor
             cost = unit_cost * block
             counts = [math.floor(bound * solver.cost(i) / cost + 0.5) for i, bound in members]
@@ -71,8 +72,7 @@ class HeldUpdate:
             count = torch.tensor(counts, device=units.device).unsqueeze(1)
             keep = torch.arange(length, device=units.device) < count
             rows = torch.zeros_like(keep).scatter_(1, order, keep)
-            for i, row in zip(run, rows, strict=True):
-                self.hard_of[i] = row.view(refs[i].mask.hard_mask.shape)
+            self.hard_of.update(zip(run, rows.view(len(run), *shape).unbind(0), strict=True))
             self.runs.append((run, rows.reshape(-1)))
             thresholds.append(ranked.gather(1, count - 1).reshape(-1))
             pieces.append(Piece(units, beta * math.sqrt(block), cost,
