@@ -377,3 +377,34 @@ def test_held_tensors_join_the_batched_node_with_their_own_budget(
     assert all(r.mask.coupling is None and r.mask.scope == "local" for r in held)
     for r, a, b in zip(refs, batched, grads(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=r.name)
+
+
+@pytest.mark.parametrize("policy", [ts.ERK(), ts.Uniform()])
+def test_masks_with_budgets_of_their_own_share_one_batched_node(
+        policy: ts.AllocationPolicy) -> None:
+    """Uniform and ERK give every tensor a budget of its own; their weights are still computed
+    in one batched node (a coupling that shares no threshold), which is not saved in the
+    checkpoint but made again when it is loaded, with the same gradient."""
+    torch.manual_seed(0)
+    model = mlp(width=8)
+    ts.sparsify(model)
+    updater = ts.MaskUpdater(model, policy)
+    updater.update(0.4, 3.0)
+    (node,) = updater.couplings
+    refs = ts.find_masks(model)
+    assert node.masks == [] and all(r.mask.coupling is node for r in refs)
+    state = updater.state_dict()
+    assert state["couplings"] == []
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
+
+    def grads(net: nn.Module) -> list[torch.Tensor]:
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        return [r.theta.grad.clone() for r in ts.find_masks(net)]
+
+    twin = copy.deepcopy(model)
+    loaded = ts.MaskUpdater(twin, policy)
+    loaded.load_state_dict(state)
+    assert len(loaded.couplings) == 1 and all(
+        r.mask.coupling is loaded.couplings[0] for r in ts.find_masks(twin))
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), grads(twin), strict=True))

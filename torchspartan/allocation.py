@@ -59,6 +59,7 @@ class AllocationSolver:
         self.held: dict[tuple[int, ...], list[tuple[int, float]]] = {}
         self._new_couplings: list[Coupling] = []
         self.views = BlockedViews()  # of the block masks' weights, kept between steps
+        self.batches = True  # masks computed in batched nodes (not with sharded weights)
 
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
                  ) -> Coupling:
@@ -79,26 +80,37 @@ class AllocationSolver:
         return Coupling(masks, thetas, slope, batched=batched, views=self.views)
 
     def attach(self, couplings: Sequence[Coupling],
-               known: dict[int, tuple[float, float]] | None = None) -> None:
-        """Every Spartan mask with a budget of its own (held at a density bound) computed in
-        the batched node of the first of ``couplings`` with its weights' dtype and device, when
-        it can be (unstructured or blocks, one threshold): its forward and backward then take a
-        few multi-tensor ops with the others instead of a few ops each. ``known``: the
-        ``(threshold, beta)`` of masks whose values the caller has read; the others' are read
-        here, in one host read."""
-        nodes = [c for c in couplings if c.batched is not None]
-        if not nodes:
-            return
-        by_kind = {}
+               known: dict[int, tuple[float, float]] | None = None) -> list[Coupling]:
+        """Every Spartan mask with a budget of its own (held at a density bound; Uniform, ERK)
+        computed in the batched node of the first of ``couplings`` with its weights' dtype and
+        device, when it can be (unstructured or blocks, one threshold, float32/float64): its
+        forward and backward then take a few multi-tensor ops with the others instead of a few
+        ops each. Where no such coupling exists, two or more such masks get a node of their own
+        (a coupling that shares no threshold), returned for the caller to keep and release.
+        ``known``: the ``(threshold, beta)`` of masks whose values the caller has read; the
+        others' are read here, in one host read."""
+        if not self.batches:
+            return []
+        nodes = [c for c in couplings if c.batched is not None and c.thetas]
+        by_kind: dict[tuple[torch.dtype, torch.device], Coupling] = {}
         for c in reversed(nodes):
             by_kind[(c.thetas[0].dtype, c.thetas[0].device)] = c
-        joining: dict[int, list[int]] = {}
+        joining: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, r in enumerate(self.refs):
-            c = by_kind.get((r.theta.dtype, r.theta.device))
             m = r.mask
-            if c is not None and m.method == "spartan" and m.scope == "local" and (
-                    m.soft_active and m.threshold.dim() == 0 and m.coupling is None):
-                joining.setdefault(id(c), []).append(i)
+            if m.method == "spartan" and m.scope == "local" and m.soft_active and (
+                    m.threshold.dim() == 0 and m.coupling is None
+                    and r.theta.dtype in (torch.float32, torch.float64)):
+                joining.setdefault((r.theta.dtype, r.theta.device), []).append(i)
+        made = []
+        for kind, ids in joining.items():
+            if kind not in by_kind and len(ids) >= 2:
+                own = Coupling([], [], torch.zeros((), dtype=torch.float64, device=kind[1]),
+                               batched=Batched([], [], [], [], 0), views=self.views)
+                by_kind[kind] = own
+                nodes.append(own)
+                made.append(own)
+        joining = {kind: ids for kind, ids in joining.items() if kind in by_kind}
         known = known or {}
         unknown = [i for ids in joining.values() for i in ids if i not in known]
         if unknown:
@@ -106,8 +118,8 @@ class AllocationSolver:
                                              self.refs[i].mask.beta.double()])
                                 for i in unknown]).tolist()
             known = {**known, **{i: (t, b) for i, (t, b) in zip(unknown, read, strict=True)}}
-        for c in nodes:
-            ids = joining.get(id(c), [])
+        for kind, ids in joining.items():
+            c = by_kind[kind]
             if ids:
                 refs = [self.refs[i] for i in ids]
                 c.attach([r.mask for r in refs], [r.theta for r in refs],
@@ -115,6 +127,7 @@ class AllocationSolver:
                          [self.unit_costs[i] * r.mask.block_numel for i, r in zip(ids, refs,
                                                                                   strict=True)],
                          [known[i][0] for i in ids], [r.mask.spec().sizes for r in refs])
+        return made
 
     def restore(self, idx: Sequence[int], slope: float) -> Coupling:
         """The coupling of a checkpoint (its mask indices and slope), made for the masks'
@@ -154,6 +167,19 @@ class AllocationSolver:
         flat = [a.sum(dim=tuple(range(1, a.dim(), 2))).reshape(-1) if r.mask.block is not None
                 else a.reshape(-1) for a, r in zip(absolute, refs, strict=True)]
         v = flat[0] if len(flat) == 1 else torch.cat(flat)
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.float()
+        cost = self.unit_costs[run[0]] * refs[0].mask.block_numel
+        return v if cost == 1.0 else v.div_(cost)
+
+    @torch.no_grad()
+    def stacked_units(self, run: Sequence[int]) -> torch.Tensor:
+        """:meth:`units` of masks of one weight shape, block and entry cost, as the rows of one
+        ``(tensors, grid entries)`` buffer: one stack, one ``abs``, one block sum, one division
+        (not a block sum and a view per tensor)."""
+        refs = [self.refs[i] for i in run]
+        x = torch.stack([self.views.of(r.theta, r.mask.spec().sizes) for r in refs]).abs_()
+        v = x.sum(dim=tuple(range(2, x.dim(), 2))).view(len(run), -1)
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
         cost = self.unit_costs[run[0]] * refs[0].mask.block_numel

@@ -311,14 +311,13 @@ class _BatchedWeights(torch.autograd.Function):
 def _local_terms(info: _Info, a: list[torch.Tensor], sums: torch.Tensor, factors: list[float]
                  ) -> list[torch.Tensor]:
     """``factor_k * sums_k / sum(a_k)`` of every attached tensor (its own budget: ``G_k / S_k``
-    up to the factor), 0 where ``sum(a_k) = 0``, as 0-dim tensors in ``a``'s dtype."""
+    up to the factor), as 0-dim tensors in ``a``'s dtype. A saturated tensor (``a_k = 0``
+    everywhere) has ``sums_k = 0`` exactly, so 0, not a NaN."""
     if not a:
         return []
     den = torch.stack(torch._foreach_norm(a, 1, dtype=torch.float64))  # a >= 0: its sum
     num = sums * sums.new_tensor(factors)
-    out = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
-                      torch.zeros_like(num)).to(a[0].dtype)
-    return list(out.unbind())
+    return list(num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny)).to(a[0].dtype).unbind())
 
 
 def _over_slope(g_tau: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:

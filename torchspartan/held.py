@@ -45,13 +45,13 @@ class HeldUpdate:
         self.solver, self.beta = solver, beta
         refs = solver.refs
 
-        def kind(i: int) -> tuple[tuple[int, ...], float, int]:  # stacked as rows of a piece
+        def kind(i: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:  # rows of a piece
             r = refs[i]
-            return (tuple(r.mask.hard_mask.shape), solver.unit_costs[i], r.mask.block_numel)
+            return (tuple(r.theta.shape), r.mask.spec().sizes, solver.unit_costs[i])
 
-        # one group per (grid shape, cost, block size), each stacked as the rows of one buffer:
+        # one group per (weight shape, block sizes, cost), stacked as the rows of one buffer:
         # segment k is the k-th held tensor in this order
-        groups: dict[tuple[tuple[int, ...], float, int], list[tuple[int, float]]] = {}
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...], float], list[tuple[int, float]]] = {}
         for i, bound in held:
             groups.setdefault(kind(i), []).append((i, bound))
         self.held = [h for members in groups.values() for h in members]
@@ -59,10 +59,12 @@ class HeldUpdate:
         self.hard_of: dict[int, torch.Tensor] = {}
         self.runs: list[tuple[tuple[int, ...], torch.Tensor]] = []
         pieces, umax, thresholds, budgets = [], [], [], []
-        for (shape, unit_cost, block), members in groups.items():
+        for members in groups.values():
             run = tuple(i for i, _ in members)
-            length = math.prod(shape)
-            units = solver.packed_units(run).view(len(run), length)  # a row per tensor
+            shape = tuple(refs[run[0]].mask.hard_mask.shape)
+            length, block = math.prod(shape), refs[run[0]].mask.block_numel
+            unit_cost = solver.unit_costs[run[0]]
+            units = solver.stacked_units(run)  # a row per tensor
             cost = unit_cost * block
             counts = [math.floor(bound * solver.cost(i) / cost + 0.5) for i, bound in members]
             budgets += [bound * solver.cost(i) for i, bound in members]

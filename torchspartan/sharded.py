@@ -88,6 +88,7 @@ class ShardedSolver(AllocationSolver):
             group = ShardGroup(meshes[0].get_group())
         self.group = group
         super().__init__(refs, unit_costs, reduce=group.sum, sync_free=False)
+        self.batches = False  # FSDP2 gathers one block at a time: no batched nodes
         self.parts: list[ShardPart] = [
             shard_part(r.name, r.theta, r.mask.hard_mask.shape,
                        (r.mask.block or (1,))[0], group.rank, group.size)

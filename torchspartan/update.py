@@ -227,14 +227,14 @@ class MaskUpdater:
                 # one host read, then written (no sync on the way with a sync-free solver)
                 one = self._update_one(allocs[0], beta, step, old, alloc_density)
                 if one is not None:
-                    self.solver.attach(self.couplings, self._known)
+                    self.couplings += self.solver.attach(self.couplings, self._known)
                     self.last_record = one
                     return one
                 # a default floor binds: the bounded solve below (nothing was written)
             iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
                                           self.couplings)
             self.couplings = live_couplings(self.couplings)
-            self.solver.attach(self.couplings)
+            self.couplings += self.solver.attach(self.couplings)
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
@@ -245,6 +245,8 @@ class MaskUpdater:
             self.couplings = bound if unchanged else []
             for coupling in self.couplings:
                 bind(coupling, [cast(SpartanMask, m) for m in coupling.masks])
+                for m in coupling.locals:
+                    m.join(coupling)
             raise
         record = self.budget.record(old, None, step, alloc_density, beta, iterations, error,
                                     self.collapsed)
@@ -320,7 +322,8 @@ class MaskUpdater:
         index = {id(r.mask): i for i, r in enumerate(self.refs)}
         return updater_entry(
             self.fingerprint(),
-            [([index[id(m)] for m in c.masks], float(c.slope)) for c in self.couplings],
+            [([index[id(m)] for m in c.masks], float(c.slope)) for c in self.couplings
+             if c.masks],  # a node of masks with budgets of their own: rebuilt when loaded
             self.solver.hints, self.collapsed, self.last_record)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -348,7 +351,7 @@ class MaskUpdater:
             if i not in coupled and r.mask.soft_active and r.mask.method == "spartan":
                 r.mask.update(r.mask.hard_mask, threshold=r.mask.threshold,
                               beta=float(r.mask.beta), scope="local")
-        self.solver.attach(self.couplings)
+        self.couplings += self.solver.attach(self.couplings)
         self.solver.hints = parsed.hints
         self.collapsed = parsed.collapsed
         self.last_record = parsed.last_record
