@@ -416,8 +416,9 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     opt: torch.optim.Optimizer = base
     if label == "spartan":
+        policy = {"global": ts.Global(), "erk": ts.ERK(), "uniform": ts.Uniform()}[args.policy]
         opt = make_dual(model, base, spec.sparsity, spec.beta_target, args.total_steps,
-                        args.start_step)
+                        args.start_step, policy)
         if args.sync_free:  # the mask update's CUDA path, counted here on the CPU
             opt.updater.solver.sync_free = True  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(1)
@@ -499,7 +500,8 @@ def render(res: dict[str, Any]) -> str:
         f"- One training step (zero_grad, forward, cross-entropy loss, backward, `opt.step()`) "
         f"counted after {res['args']['warmup']} warm-up steps, batch {res['args']['batch']}; "
         f"base optimizer SGD (lr {res['args']['lr']}, momentum 0.9) for both. Spartan: "
-        f"`ts.DualAveraging`, default policy, total_steps={res['args']['total_steps']}, default "
+        f"`ts.DualAveraging`, policy `{res['args'].get('policy', 'global')}`, "
+        f"total_steps={res['args']['total_steps']}, default "
         f"schedule shapes shifted to start at step {res['args']['start_step']} (mid-anneal: "
         "density and beta strictly between their endpoints, the hard masks change every step). "
         + ("Mask update: the sync-free path (selection and warm-started Newton decided on the "
@@ -601,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-free", action="store_true",
                     help="count the mask update's sync-free path (the CUDA default) on the CPU")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--policy", default="global", choices=["global", "erk", "uniform"],
+                    help="the allocation policy of the Spartan runs (default: ts.Global())")
     ap.add_argument("--min-density", type=float, default=None,
                     help="min_density of every mask (default: the library's default floors)")
     ap.add_argument("--device", default="cpu",

@@ -89,12 +89,15 @@ class _Shifted:
 
 
 def make_dual(model: nn.Module, base: torch.optim.Optimizer, sparsity: float, beta_target: float,
-              total_steps: int, start_step: int) -> ts.DualAveraging:
-    """DualAveraging with the default schedule shapes, shifted to begin at ``start_step``."""
+              total_steps: int, start_step: int, policy: ts.AllocationPolicy | None = None
+              ) -> ts.DualAveraging:
+    """DualAveraging with the default schedule shapes, shifted to begin at ``start_step``
+    (policy: ``ts.Global()`` unless given)."""
     density = ts.linear(1.0, 1.0 - sparsity, 0, round(0.2 * total_steps))
     beta = ts.linear(1.0, beta_target, 0, round(0.8 * total_steps))
     return ts.DualAveraging(base, model, sparsity=sparsity, total_steps=total_steps,
-                            policy=ts.Global(), beta_target=beta_target,
+                            policy=policy if policy is not None else ts.Global(),
+                            beta_target=beta_target,
                             density=_Shifted(density, start_step), beta=_Shifted(beta, start_step))
 
 

@@ -76,3 +76,26 @@ def test_sync_detector(bench):
     assert counter.total_ops("forward") > 0
     assert w.tolist()  # the Tensor methods are restored after the counted block
     assert torch.Tensor.tolist is torch._C.TensorBase.tolist
+
+
+@pytest.mark.parametrize("policy", [ts.Global, ts.ERK, ts.Uniform])
+def test_sync_free_steps_make_at_most_two_host_syncs(bench, policy):
+    """On the sync-free path (the CUDA default, forced on the CPU), a warm Spartan step reads
+    the device twice at most, whatever the policy (budgets of their own are read together)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    ts.sparsify(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = ts.DualAveraging(base, model, sparsity=0.8, total_steps=100, policy=policy())
+    opt.updater.solver.sync_free = True
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    for _ in range(10):  # mid-anneal: every mask below density 1 and warm
+        bench.counted_step(model, opt, base, x, y, nn.CrossEntropyLoss())
+    counter = bench.StepCounter("cpu")
+    bench.counted_step(model, opt, base, x, y, nn.CrossEntropyLoss(), counter)
+    record = opt.last_record
+    assert record is not None and record.mask_change > 0  # the masks moved at the counted step
+    assert counter.total_syncs() <= 2, dict(counter.syncs["mask_update"])
+    if policy is not ts.Global:  # one batched node computes every masked weight
+        assert len(opt.updater.couplings) == 1

@@ -388,6 +388,14 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
     keys = units.view(torch.int32)
     stride = max(1, n // _SAMPLE_SIZE)
     sample = torch.sort(units[stride // 2::stride], descending=True).values
+    count_dtype = torch.int32 if n < 2**31 else torch.int64
+    if stride == 1 and 0 < count <= n:  # the sample is every entry: its count-th is exact
+        threshold_key = sample[count - 1].view(torch.int32)
+        above, tied = keys > threshold_key, keys == threshold_key
+        need = count - above.sum(dtype=count_dtype)
+        mask = above.logical_or_(tied.logical_and_(tied.cumsum(0, dtype=count_dtype) <= need))
+        threshold = threshold_key.view(torch.float32).to(torch.float64)
+        return mask, threshold, torch.ones((), dtype=torch.bool, device=units.device)
     s = sample.numel()
     r = count * s / n
     p = min(max(r / s, 0.0), 1.0)
@@ -397,7 +405,6 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
     key_hi = sample[hi_i].view(torch.int32)
     # bins: 0 below the window, 1.._KEY_BINS one key each from key_lo up, the last above it
     idx = (keys - key_lo + 1).clamp_(0, _KEY_BINS + 1)
-    count_dtype = torch.int32 if n < 2**31 else torch.int64
     counts = torch.zeros(_KEY_BINS + 2, dtype=count_dtype, device=units.device).index_add_(
         0, idx, torch.ones(1, dtype=count_dtype, device=units.device).expand(n))
     at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[j]: entries in bins >= j

@@ -472,6 +472,7 @@ class Pending:
         self.threshold: float | None = None  # the hard threshold, when known on the host
         self.solution: SoftSolution | None = None
         self.joint = False  # the solution holds the extra segments of ``prepare`` too
+        self.tau_host: float | None = None  # a single tensor's soft threshold, once committed
 
     def set_hard(self, hard: list[torch.Tensor]) -> None:
         refs = self.solver.refs
@@ -543,6 +544,7 @@ class Pending:
             coupling = solver.coupling(idx, solution.slope[0], self.beta, tau_host)
             solver._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
+        self.tau_host = tau_host if coupling is None else None
         update_masks(masks, [self.hard_of[i] for i in idx], threshold=solution.tau[0],
                      betas=[self.beta * math.sqrt(m.block_numel) for m in masks], scope=scope,
                      coupling=coupling)
