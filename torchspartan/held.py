@@ -25,8 +25,8 @@ import torch
 
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
 from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Extra, Pending, packed
-from torchspartan.mask import update_masks
 from torchspartan.budget import Budget
+from torchspartan.mask import update_masks
 from torchspartan.state import StepRecord
 
 __all__ = ["HeldUpdate"]
@@ -58,7 +58,10 @@ class HeldUpdate:
         self.betas = [beta * math.sqrt(refs[i].mask.block_numel) for i, _ in self.held]
         self.hard_of: dict[int, torch.Tensor] = {}
         self.runs: list[tuple[tuple[int, ...], torch.Tensor]] = []
-        pieces, umax, thresholds, budgets = [], [], [], []
+        pieces: list[Piece] = []
+        umax: list[torch.Tensor] = []
+        thresholds: list[torch.Tensor] = []
+        budgets: list[float] = []
         for members in groups.values():
             run = tuple(i for i, _ in members)
             shape = tuple(refs[run[0]].mask.hard_mask.shape)

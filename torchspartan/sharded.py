@@ -29,7 +29,7 @@ import torch
 from torchspartan._blocks import block_mul, block_reduce, from_rows, to_rows
 from torchspartan._engine import Piece, hard_select, solve_soft
 from torchspartan._kernels import MaskSpec, soft_mask
-from torchspartan.allocation import AllocationSolver, Pending
+from torchspartan.allocation import AllocationSolver, Extra, Pending
 from torchspartan.coupling import BoundMask, Coupling
 from torchspartan.distributed import (
     ORDER,
@@ -130,8 +130,9 @@ class ShardedSolver(AllocationSolver):
                                       [self.refs[i].mask.hard_mask.shape for i in idx])
 
     # -- one shared budget ---------------------------------------------------------------
-    def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0
-                ) -> Pending:
+    def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0,
+                extra: Extra | None = None) -> Pending:
+        # ``extra`` is never given here: the held route is the one-process sync-free path's
         masks = [self.refs[i].mask for i in idx]
         total = sum(self.cost(i) for i in idx)
         if budget >= total * (1 - 1e-12) or budget <= 0:
