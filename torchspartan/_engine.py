@@ -110,10 +110,8 @@ def _cost_sums(p: Piece, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cm = m * p.cost
         return (_row_sum(cm, p.rowwise).double(),
                 _row_sum(cm.mul_(m), p.rowwise).double())
-    if p.rowwise:  # accumulated in float64 (no extra conversion op)
-        s1 = m.sum(-1, dtype=torch.float64)
-        s2 = (m * m).sum(-1, dtype=torch.float64)
-        return (s1, s2) if p.cost == 1.0 else (s1 * p.cost, s2 * p.cost)
+    if p.rowwise:  # float32 sums, then float64 (a float64 accumulation is slower on a CPU)
+        s1, s2 = m.sum(-1), (m * m).sum(-1)
     else:
         flat = m.reshape(-1)
         s1, s2 = flat.sum().reshape(1), torch.dot(flat, flat).reshape(1)

@@ -232,7 +232,8 @@ class AllocationSolver:
             if all(low(i) == 0.0 and self.refs[i].mask.max_density == 1.0
                    for i in free) or len(free) == 1:
                 break
-            kept = torch.stack([self.refs[i].mask.hard_mask.sum() for i in free]).tolist()
+            kept = torch.stack([torch.count_nonzero(self.refs[i].mask.hard_mask)
+                                 for i in free]).tolist()
             violators = []
             for i, k in zip(free, kept, strict=True):
                 m = self.refs[i].mask

@@ -106,18 +106,18 @@ class Budget:
         for run, flat, flat_old in packed:
             b = self.refs[run[0]].mask.block_numel
             if flat_old is not None:
-                changed.append(torch.ne(flat, flat_old).sum())
+                changed.append(torch.count_nonzero(torch.ne(flat, flat_old)))
                 weights.append(b)
             else:
-                changed += [(new[i] != old[i]).sum() for i in run]
+                changed += [torch.count_nonzero(new[i] != old[i]) for i in run]
                 weights += [self.refs[i].mask.block_numel for i in run]
             kept_parts.append(_segment_sums(flat, self._ends(run, flat.device)))
             order += list(run)
         rest = [i for i in range(n) if i not in in_run]
-        changed += [(new[i] != old[i]).sum() for i in rest]
+        changed += [torch.count_nonzero(new[i] != old[i]) for i in rest]
         weights += [self.refs[i].mask.block_numel for i in rest]
         if rest:
-            kept_parts.append(torch.stack([new[i].sum() for i in rest]))
+            kept_parts.append(torch.stack([torch.count_nonzero(new[i]) for i in rest]))
             order += rest
         kept = kept_parts[0] if len(kept_parts) == 1 else torch.cat(kept_parts)
         values = torch.cat([torch.stack(changed).to(kept.dtype), kept]).to(torch.float64)
