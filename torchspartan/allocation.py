@@ -358,6 +358,7 @@ class AllocationSolver:
         umax = torch.stack([p.units.amax() for p in pieces]).double()
         sync_free = self.sync_free if self.sync_free is not None else umax.is_cuda
         on_device = sync_free and len(pieces) == 1 and pieces[0].units.dtype == torch.float32
+        device_threshold: torch.Tensor | None = None
         pending = Pending(self, idx, step, {}, pieces=pieces, runs=runs, budget=budget,
                           beta=beta, umax=umax)
         pending.scalars.append(torch.isfinite(umax).all().to(torch.float64))
@@ -366,6 +367,7 @@ class AllocationSolver:
             mask, threshold, ok = select_on_device(pieces[0].units.reshape(-1), count)
             hard = [mask.view(1, -1)]
             pending.scalars += [ok.to(torch.float64), threshold]
+            device_threshold = threshold
         else:
             pending.check_finite_now()
             hard, thresholds = hard_select(pieces, [budget], [self.hint(idx)])
@@ -377,7 +379,9 @@ class AllocationSolver:
         warm = first.soft_active and first.threshold.dim() == 0 and all(
             m.soft_active for m in masks)
         budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
-        tau_init = first.threshold.reshape(1) if warm else None
+        hard_threshold = pending.threshold if pending.threshold is not None else device_threshold
+        assert hard_threshold is not None
+        tau_init = self.warm_start(idx, masks, beta, hard_threshold)
         if sync_free and warm and extra is not None and tau_init is not None:
             more = [Piece(p.units, p.beta, p.cost, p.segment + 1, p.rowwise)
                     for p in extra.pieces]
@@ -395,6 +399,24 @@ class AllocationSolver:
         pending.solution = solution
         pending.scalars += [solution.tau[0], solution.error.max()]
         return pending
+
+    def warm_start(self, idx: tuple[int, ...], masks: Sequence[SpartanMask], beta: float,
+                   hard: float | torch.Tensor) -> torch.Tensor | None:
+        """The Newton start of budget ``idx``'s soft threshold (``(1,)``, on the masks' device)
+        when its masks are warm, given this step's hard threshold ``hard``: last step's ``tau``
+        moved with the hard threshold, keeping ``beta (tau - h)`` (a Newton evaluation fewer than
+        last step's ``tau`` alone; the hints are checkpointed, so a resumed run starts from the
+        same); None when cold."""
+        first = masks[0]
+        if not (first.soft_active and first.threshold.dim() == 0
+                and all(m.soft_active for m in masks)):
+            return None
+        tau = first.threshold.reshape(1)
+        past = self.hints.get(idx)
+        if not past:
+            return tau
+        ratio = first.beta / (beta * math.sqrt(first.block_numel))
+        return (tau - past[-1]) * ratio + hard
 
     def hint(self, idx: tuple[int, ...]) -> float | None:
         """The next hard threshold of budget ``idx``, extrapolated from its last two."""

@@ -153,12 +153,9 @@ class ShardedSolver(AllocationSolver):
         pending.threshold = threshold
         if not any(m.method == "spartan" for m in masks):
             return pending
-        first = masks[0]
-        warm = first.soft_active and first.threshold.dim() == 0 and all(
-            m.soft_active for m in masks)
         budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
         solution = solve_soft(pieces, budgets, unit_max=umax,
-                              tau_init=first.threshold.reshape(1) if warm else None,
+                              tau_init=self.warm_start(idx, masks, beta, threshold),
                               reduce=self.reduce)
         pending.solution = solution
         pending.scalars += [solution.tau[0], solution.error.max()]
