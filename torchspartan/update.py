@@ -21,6 +21,7 @@ from torch import nn
 
 from torchspartan._checks import check_weights, finite_number
 from torchspartan.allocation import AllocationSolver, bind
+from torchspartan.batching import attach
 from torchspartan.bindings import Places, checked_refs
 from torchspartan.budget import Budget, SparsityOf
 from torchspartan.coupling import Coupling
@@ -230,20 +231,20 @@ class MaskUpdater:
                 # one host read, then written (no sync on the way with a sync-free solver)
                 one = self._update_one(allocs[0], beta, step, old, alloc_density)
                 if one is not None:
-                    self.couplings += self.solver.attach(self.couplings, self._known)
+                    self.couplings += attach(self.solver, self.couplings, self._known)
                     self.last_record = one
                     return one
                 # a default floor binds: the bounded solve below (nothing was written)
             if alone:  # Uniform, ERK on the sync-free path: prepared, then one read
                 record, self._known = update_alone(self.solver, self.budget, alone, beta,
                                                    step, old, alloc_density, self.collapsed)
-                self.couplings += self.solver.attach(self.couplings, self._known)
+                self.couplings += attach(self.solver, self.couplings, self._known)
                 self.last_record = record
                 return record
             iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
                                           self.couplings)
             self.couplings = live_couplings(self.couplings)
-            self.couplings += self.solver.attach(self.couplings)
+            self.couplings += attach(self.solver, self.couplings)
         except BaseException:
             # leave the masks bound as before this update (they were not written: a failing
             # problem raises before it writes, and several problems were checked up front)
@@ -360,7 +361,7 @@ class MaskUpdater:
             if i not in coupled and r.mask.soft_active and r.mask.method == "spartan":
                 r.mask.update(r.mask.hard_mask, threshold=r.mask.threshold,
                               beta=float(r.mask.beta), scope="local")
-        self.couplings += self.solver.attach(self.couplings)
+        self.couplings += attach(self.solver, self.couplings)
         self.solver.hints = parsed.hints
         self.collapsed = parsed.collapsed
         self.last_record = parsed.last_record
