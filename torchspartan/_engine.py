@@ -60,6 +60,10 @@ class Piece:
         cost: cost of every entry (a number) or per-entry costs broadcastable to ``units``.
         segment: the piece's segment; with ``rowwise``, row ``r`` is segment ``segment + r``.
         rowwise: every row is its own segment.
+        lengths: a one-row piece cut into consecutive segments of these lengths (``int64``
+            tensor on the units' device; segment ``segment + k`` for the ``k``-th): tensors of
+            different sizes with budgets of their own in one buffer. Only :func:`solve_soft`
+            takes such pieces, with ``unit_max`` and ``tau_init`` given.
     """
 
     units: torch.Tensor
@@ -67,17 +71,25 @@ class Piece:
     cost: Cost
     segment: int
     rowwise: bool = False
+    lengths: torch.Tensor | None = None
 
     @property
     def segments(self) -> int:
+        if self.lengths is not None:
+            return self.lengths.numel()
         return self.units.shape[0] if self.rowwise else 1
+
+    @property
+    def many(self) -> bool:
+        """Whether the piece holds several segments (rowwise, or cut by ``lengths``)."""
+        return self.rowwise or self.lengths is not None
 
 
 def _segment_index(pieces: Sequence[Piece], device: torch.device) -> torch.Tensor:
     """For the per-piece sums (one per row of a rowwise piece, else one), their segment."""
     parts = []
     for p in pieces:
-        if p.rowwise:
+        if p.many:
             parts.append(torch.arange(p.segment, p.segment + p.segments, device=device))
         else:
             parts.append(torch.tensor([p.segment], device=device))
@@ -106,6 +118,12 @@ def _row_sum(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
 
 def _cost_sums(p: Piece, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum c m`` and ``sum c m^2`` per segment of the piece, float64."""
+    if p.lengths is not None:  # unit costs (a number), one sum per segment of the buffer,
+        # in float64 (a segment reduction may add sequentially: float32 would miss 1e-6)
+        flat = m.reshape(-1).double()
+        s1 = torch.segment_reduce(flat, "sum", lengths=p.lengths)
+        s2 = torch.segment_reduce(flat.mul_(flat), "sum", lengths=p.lengths)
+        return s1 * p.cost, s2 * p.cost
     if isinstance(p.cost, torch.Tensor):
         cm = m * p.cost
         return (_row_sum(cm, p.rowwise).double(),
@@ -119,6 +137,9 @@ def _cost_sums(p: Piece, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tau_of(p: Piece, tau: torch.Tensor) -> torch.Tensor:
+    if p.lengths is not None:  # every entry its segment's threshold
+        return tau.narrow(0, p.segment, p.segments).to(p.units.dtype).repeat_interleave(
+            p.lengths, output_size=p.units.numel()).reshape(p.units.shape)
     if p.rowwise:
         return tau.narrow(0, p.segment, p.segments).unsqueeze(1)
     return tau[p.segment]
@@ -127,7 +148,9 @@ def _tau_of(p: Piece, tau: torch.Tensor) -> torch.Tensor:
 def _total_cost(pieces: Sequence[Piece], index: torch.Tensor, num_segments: int) -> torch.Tensor:
     parts = []
     for p in pieces:
-        if isinstance(p.cost, torch.Tensor):
+        if p.lengths is not None:
+            parts.append(p.lengths.to(torch.float64) * float(p.cost))
+        elif isinstance(p.cost, torch.Tensor):
             c = torch.broadcast_to(p.cost, p.units.shape).to(torch.float64)
             parts.append(_row_sum(c, p.rowwise))
         else:
@@ -211,7 +234,7 @@ def solve_soft(
         tau = -x
         s1, s2 = [], []
         for p, m in zip(pieces, work, strict=True):
-            if p.rowwise or isinstance(p.beta, torch.Tensor):
+            if p.many or isinstance(p.beta, torch.Tensor):
                 torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt))
             else:  # beta u - beta tau in one pass
                 torch.add((-p.beta * _tau_of(p, tau)).to(cdt), p.units, alpha=p.beta, out=m)

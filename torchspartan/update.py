@@ -11,7 +11,6 @@ Solving one allocation is the job of :class:`~torchspartan.allocation.Allocation
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, cast
@@ -28,6 +27,7 @@ from torchspartan.coupling import Coupling
 from torchspartan.floors import Floors
 from torchspartan.held import HeldUpdate
 from torchspartan.mask import SpartanMask
+from torchspartan.own import own_budgets, update_alone
 from torchspartan.policies import (
     Allocation,
     AllocationPolicy,
@@ -396,60 +396,6 @@ def live_couplings(couplings: list[Coupling]) -> list[Coupling]:
         else:
             c.release()
     return live
-
-
-def own_budgets(solver: AllocationSolver, allocs: list[Allocation], alloc_index: list[int]
-                ) -> list[tuple[int, float]]:
-    """``(mask index, budget)`` of every allocation when all are tensors with budgets of their
-    own and no density bounds (Uniform, ERK) on the sync-free path of a plain solver (two or
-    more of them); else empty."""
-    sync_free = solver.sync_free if solver.sync_free is not None else bool(
-        solver.refs and solver.refs[0].theta.is_cuda)
-    if not sync_free or type(solver) is not AllocationSolver or len(allocs) < 2:
-        return []
-    out = []
-    for a in allocs:
-        i = alloc_index[a.tensors[0]]
-        if a.group is not None or len(a.tensors) != 1 or solver.min_density(i, False) > 0 or (
-                solver.refs[i].mask.max_density < 1.0):
-            return []
-        out.append((i, a.density * solver.cost(i)))
-    return out
-
-
-def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int, float]],
-                 beta: float, step: int, old: list[torch.Tensor], target: float,
-                 collapsed: set[str]) -> tuple[StepRecord, dict[int, tuple[float, float]]]:
-    """Every budget of ``alone`` (:func:`own_budgets`) computed on the device without a host
-    sync, then one read (their values and the masks' counts), then written. Returns the step's
-    record and the ``(threshold, beta)`` read of every soft mask (for ``attach``)."""
-    refs = solver.refs
-    pendings = [solver.prepare((i,), b, beta, step) for i, b in alone]
-    new = [r.mask.hard_mask for r in refs]
-    for p in pendings:
-        for i, h in p.hard_of.items():
-            new[i] = h
-    counts = budget.counts(old, new)
-    # every masked weight finite (one multi-tensor norm), read with the rest
-    norms = torch.stack(torch._foreach_norm([r.theta for r in refs], 2)).double()
-    scalars = [s for p in pendings for s in p.scalars]
-    values = torch.cat([torch.isfinite(norms).double(), *(
-        [torch.stack(scalars)] if scalars else []), counts.values]).tolist()
-    if not all(values[:len(refs)]):
-        check_weights(refs, step)  # raises, naming the tensor (nothing was written)
-    values = values[len(refs):]
-    start, iterations, error = 0, 0, 0.0
-    known: dict[int, tuple[float, float]] = {}
-    for (i, _), p in zip(alone, pendings, strict=True):
-        its, err = p.commit(values[start:start + len(p.scalars)])
-        start += len(p.scalars)
-        iterations, error = iterations + its, max(error, err)
-        if p.tau_host is not None:
-            known[i] = (p.tau_host, beta * math.sqrt(refs[i].mask.block_numel))
-    redone = any(r.mask.hard_mask is not h for r, h in zip(refs, new, strict=True))
-    counted = None if redone else counts.read(values[start:])
-    return (budget.record(old, counted, step, target, beta, iterations, error, collapsed),
-            known)
 
 
 def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: list[int],
