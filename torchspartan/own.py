@@ -26,6 +26,7 @@ from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, packed
 from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
 from torchspartan.policies import Allocation
+from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
 __all__ = ["Segments", "own_budgets", "update_alone"]
@@ -154,19 +155,28 @@ def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int
     written. Returns the step's record and the ``(threshold, beta)`` read of every soft mask
     (for ``batching.attach``)."""
     refs = solver.refs
-    # kept whole or emptied: no solve (prepare writes them as they are)
     mixed = [(i, b) for i, b in alone if 0 < b < solver.cost(i) * (1 - 1e-12)]
+    # kept whole, or emptied: one flat constant mask each, no solve
+    fills = [(tuple(i for i, b in alone if (b > 0) == keep and (i, b) not in mixed), keep)
+             for keep in (True, False)]
+    fills = [(ids, keep) for ids, keep in fills if ids]
+    flats = [(ids, torch.full((sum(refs[i].mask.hard_mask.numel() for i in ids),), keep,
+                              dtype=torch.bool, device=refs[ids[0]].mask.hard_mask.device))
+             for ids, keep in fills]
     together = Segments.make(solver, mixed, beta)
     joined = set(together.ids) if together is not None else set()
-    apart = [(i, b) for i, b in alone if i not in joined]  # each through its own prepare
+    apart = [(i, b) for i, b in mixed if i not in joined]  # each through its own prepare
     pendings = [solver.prepare((i,), b, beta, step) for i, b in apart]
     new = [r.mask.hard_mask for r in refs]
+    for ids, flat in flats:
+        new = _split_into(new, ids, flat, refs)
     for hard_of in [p.hard_of for p in pendings] + (
             [together.hard_of] if together is not None else []):
         for i, h in hard_of.items():
             new[i] = h
-    runs = packed(solver, [(together.ids, together.flat)], old) if together is not None else []
-    counts = budget.counts(old, new, runs)
+    if together is not None:
+        flats.append((together.ids, together.flat))
+    counts = budget.counts(old, new, packed(solver, flats, old))
     # every masked weight finite (one multi-tensor norm), read with the rest
     norms = torch.stack(torch._foreach_norm([r.theta for r in refs], 2)).double()
     scalars = [s for p in pendings for s in p.scalars]
@@ -190,8 +200,23 @@ def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int
         start += k
         iterations, error = iterations + its, max(error, err)
         known.update(taus)
+    for ids, flat in flats[:len(fills)]:  # the constant masks, as prepare would write them
+        masks = [refs[i].mask for i in ids]
+        update_masks(masks, [new[i] for i in ids],
+                     threshold=torch.stack([m.threshold for m in masks]).reshape(-1),
+                     betas=[0.0] * len(ids))
+        solver.written[ids] = (flat, [new[i] for i in ids])
     redone = any(r.mask.hard_mask is not h for r, h in zip(refs, new, strict=True))
     counted = None if redone else counts.read(values[start:])
     return (budget.record(old, counted, step, target, beta, iterations, error, collapsed),
             known)
 
+
+def _split_into(new: list[torch.Tensor], ids: Sequence[int], flat: torch.Tensor,
+                refs: Sequence[MaskRef]) -> list[torch.Tensor]:
+    """``new`` with the masks ``ids`` replaced by consecutive views of ``flat``."""
+    out = list(new)
+    parts = flat.split([refs[i].mask.hard_mask.numel() for i in ids])
+    for i, part in zip(ids, parts, strict=True):
+        out[i] = part.view(refs[i].mask.hard_mask.shape)
+    return out
