@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["select_flat", "select_top_budget"]
+__all__ = ["select_flat", "select_segments_on_device", "select_top_budget"]
 
 # Size of the strided sample that guesses the window, and the most candidates ordered by a sort
 # (more are narrowed again by the same selection applied to the candidates alone).
@@ -420,3 +420,30 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
         tied.logical_and_(tied.cumsum(0, dtype=count_dtype) <= need))
     threshold = threshold_key.to(torch.int32).view(torch.float32).to(torch.float64)
     return mask, threshold, ok
+
+
+def select_segments_on_device(units: torch.Tensor, sizes: Sequence[int], counts: Sequence[int]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``counts[k]`` largest entries of every consecutive segment (``sizes[k]``
+    entries) of the flat float32 ``units`` (``>= 0``), with no host sync: one stable sort of
+    int64 ``(segment, -u)`` keys (the segment in the high bits, the complemented float bits of
+    ``u`` in the low ones), so that equal values keep their order, as the host selection keeps
+    them. The sort's buffers take about 40 bytes per entry.
+
+    Returns the flat bool mask and the ``counts[k]``-th largest value of every segment
+    (float64; ``inf`` where ``counts[k]`` is 0).
+    """
+    device, total, n = units.device, units.numel(), len(sizes)
+    lengths = torch.tensor(list(sizes), device=device)
+    segment = torch.arange(n, device=device).repeat_interleave(lengths, output_size=total)
+    key = (segment << 32) | (0x7FFFFFFF - units.view(torch.int32)).to(torch.int64)
+    order = torch.sort(key, stable=True).indices
+    starts = [sum(sizes[:k]) for k in range(n)]
+    ends = torch.tensor([s + c for s, c in zip(starts, counts, strict=True)], device=device)
+    keep = torch.arange(total, device=device) < ends.repeat_interleave(lengths,
+                                                                      output_size=total)
+    mask = torch.zeros(total, dtype=torch.bool, device=device).scatter_(0, order, keep)
+    last = torch.tensor([s + max(c, 1) - 1 for s, c in zip(starts, counts, strict=True)],
+                        device=device)
+    kth = units.index_select(0, order.index_select(0, last)).double()
+    return mask, torch.where(torch.tensor(list(counts), device=device) > 0, kth, math.inf)

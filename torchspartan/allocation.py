@@ -61,6 +61,14 @@ class AllocationSolver:
         self.views = BlockedViews()  # of the block masks' weights, kept between steps
         self.batches = True  # masks computed in batched nodes (not with sharded weights)
 
+    @property
+    def on_device(self) -> bool:
+        """Whether updates take the sync-free path: ``sync_free`` when set, else whether the
+        masked weights are on CUDA."""
+        if self.sync_free is not None:
+            return self.sync_free
+        return bool(self.refs) and self.refs[0].theta.is_cuda
+
     def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
                  ) -> Coupling:
         """The coupling of a budget shared by the masks ``idx`` at threshold ``tau``: batched
@@ -116,11 +124,7 @@ class AllocationSolver:
             for r, s in zip(refs, sizes, strict=True)])
         flat = [a.sum(dim=tuple(range(1, a.dim(), 2))).reshape(-1) if r.mask.block is not None
                 else a.reshape(-1) for a, r in zip(absolute, refs, strict=True)]
-        v = flat[0] if len(flat) == 1 else torch.cat(flat)
-        if v.dtype not in (torch.float32, torch.float64):
-            v = v.float()
-        cost = self.unit_costs[run[0]] * refs[0].mask.block_numel
-        return v if cost == 1.0 else v.div_(cost)
+        return self.per_cost(run, flat[0] if len(flat) == 1 else torch.cat(flat))
 
     @torch.no_grad()
     def stacked_units(self, run: Sequence[int]) -> torch.Tensor:
@@ -129,10 +133,14 @@ class AllocationSolver:
         (not a block sum and a view per tensor)."""
         refs = [self.refs[i] for i in run]
         x = torch.stack([self.views.of(r.theta, r.mask.spec().sizes) for r in refs]).abs_()
-        v = x.sum(dim=tuple(range(2, x.dim(), 2))).view(len(run), -1)
+        return self.per_cost(run, x.sum(dim=tuple(range(2, x.dim(), 2))).view(len(run), -1))
+
+    def per_cost(self, run: Sequence[int], v: torch.Tensor) -> torch.Tensor:
+        """Block sums ``v`` of masks ``run`` (one entry cost) as unit values: float32 or
+        float64, divided by the cost of a block-grid entry."""
         if v.dtype not in (torch.float32, torch.float64):
             v = v.float()
-        cost = self.unit_costs[run[0]] * refs[0].mask.block_numel
+        cost = self.unit_costs[run[0]] * self.refs[run[0]].mask.block_numel
         return v if cost == 1.0 else v.div_(cost)
 
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
@@ -306,9 +314,9 @@ class AllocationSolver:
                                              for i, m in zip(idx, masks, strict=True)})
         pieces, runs = self.pieces(idx, beta)
         umax = torch.stack([p.units.amax() for p in pieces]).double()
-        sync_free = self.sync_free if self.sync_free is not None else umax.is_cuda
+        sync_free = self.on_device
         on_device = sync_free and len(pieces) == 1 and pieces[0].units.dtype == torch.float32
-        device_threshold: torch.Tensor | None = None
+        hard_threshold: float | torch.Tensor
         pending = Pending(self, idx, step, {}, pieces=pieces, runs=runs, budget=budget,
                           beta=beta, umax=umax)
         pending.scalars.append(torch.isfinite(umax).all().to(torch.float64))
@@ -317,22 +325,18 @@ class AllocationSolver:
             mask, threshold, ok = select_on_device(pieces[0].units.reshape(-1), count)
             hard = [mask.view(1, -1)]
             pending.scalars += [ok.to(torch.float64), threshold]
-            device_threshold = threshold
+            hard_threshold = threshold
         else:
             pending.check_finite_now()
             hard, thresholds = hard_select(pieces, [budget], [self.hint(idx)])
-            pending.threshold = thresholds[0]
+            pending.threshold = hard_threshold = thresholds[0]
         pending.set_hard(hard)
         if not any(m.method == "spartan" for m in masks):
             return pending
-        first = masks[0]
-        warm = first.soft_active and first.threshold.dim() == 0 and all(
-            m.soft_active for m in masks)
         budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
-        hard_threshold = pending.threshold if pending.threshold is not None else device_threshold
-        assert hard_threshold is not None
         tau_init = self.warm_start(idx, masks, beta, hard_threshold)
-        if sync_free and warm and extra is not None and tau_init is not None:
+        warm = tau_init is not None
+        if sync_free and extra is not None and tau_init is not None:
             more = [Piece(p.units, p.beta, p.cost, p.segment + 1, p.rowwise)
                     for p in extra.pieces]
             solution = solve_soft(pieces + more, torch.cat([budgets, extra.budgets]),
@@ -365,8 +369,8 @@ class AllocationSolver:
         past = self.hints.get(idx)
         if not past:
             return tau
-        ratio = first.beta / (beta * math.sqrt(first.block_numel))
-        return (tau - past[-1]) * ratio + hard
+        return shifted_start(tau, first.beta, past[-1], beta * math.sqrt(first.block_numel),
+                             hard)
 
     def hint(self, idx: tuple[int, ...]) -> float | None:
         """The next hard threshold of budget ``idx``, extrapolated from its last two."""
@@ -448,12 +452,9 @@ class Pending:
         self.tau_host: float | None = None  # a single tensor's soft threshold, once committed
 
     def set_hard(self, hard: list[torch.Tensor]) -> None:
-        refs = self.solver.refs
         self.flats = []
         for run, h in zip(self.runs, hard, strict=True):
-            sizes = [refs[i].mask.hard_mask.numel() for i in run]
-            for i, part in zip(run, h.reshape(-1).split(sizes), strict=True):
-                self.hard_of[i] = part.view(refs[i].mask.hard_mask.shape)
+            self.hard_of.update(split_views(self.solver, run, h.reshape(-1)))
             if len(run) > 1:
                 self.flats.append((tuple(run), h.reshape(-1)))
 
@@ -528,6 +529,24 @@ class Pending:
         """Keep the flat tensors whose views the masks now hold (for the next :meth:`packed`)."""
         for run, flat in self.flats:
             self.solver.written[run] = (flat, [self.hard_of[i] for i in run])
+
+
+def shifted_start(tau: torch.Tensor, last_beta: torch.Tensor, last_hard: float | torch.Tensor,
+                  beta: float, hard: float | torch.Tensor) -> torch.Tensor:
+    """A Newton start for a soft threshold: last step's ``tau`` (at sharpness ``last_beta``,
+    hard threshold ``last_hard``) moved with this step's hard threshold ``hard`` so that
+    ``beta (tau - h)`` stays what it was."""
+    return (tau - last_hard) * (last_beta / beta) + hard
+
+
+def split_views(solver: AllocationSolver, run: Sequence[int], flat: torch.Tensor
+                ) -> dict[int, torch.Tensor]:
+    """The hard masks of the masks ``run``, stored one after the other in ``flat``: a view of
+    it each, in its mask's shape."""
+    refs = [solver.refs[i] for i in run]
+    parts = flat.split([r.mask.hard_mask.numel() for r in refs])
+    return {i: part.view(r.mask.hard_mask.shape)
+            for i, r, part in zip(run, refs, parts, strict=True)}
 
 
 def packed(solver: AllocationSolver, flats: Sequence[tuple[tuple[int, ...], torch.Tensor]],

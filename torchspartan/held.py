@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
+from torchspartan._select import select_segments_on_device
 from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Extra, Pending, packed
 from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
@@ -65,21 +66,18 @@ class HeldUpdate:
         for members in groups.values():
             run = tuple(i for i, _ in members)
             shape = tuple(refs[run[0]].mask.hard_mask.shape)
-            length, block = math.prod(shape), refs[run[0]].mask.block_numel
-            unit_cost = solver.unit_costs[run[0]]
+            block = refs[run[0]].mask.block_numel
             units = solver.stacked_units(run)  # a row per tensor
-            cost = unit_cost * block
+            cost = solver.unit_costs[run[0]] * block
             counts = [math.floor(bound * solver.cost(i) / cost + 0.5) for i, bound in members]
             budgets += [bound * solver.cost(i) for i, bound in members]
-            # a bound keeps few entries (one per output unit): a stable sort per row on the
-            # device, ties to the lower position as the host selection keeps them
-            ranked, order = torch.sort(units, dim=1, descending=True, stable=True)
-            count = torch.tensor(counts, device=units.device).unsqueeze(1)
-            keep = torch.arange(length, device=units.device) < count
-            rows = torch.zeros_like(keep).scatter_(1, order, keep)
-            self.hard_of.update(zip(run, rows.view(len(run), *shape).unbind(0), strict=True))
-            self.runs.append((run, rows.reshape(-1)))
-            thresholds.append(ranked.gather(1, count - 1).reshape(-1))
+            # a bound keeps few entries (one per output unit): selected on the device, ties
+            # to the lower position as the host selection keeps them
+            flat, kth = select_segments_on_device(units.reshape(-1), [units.shape[1]] * len(run),
+                                                  counts)
+            self.hard_of.update(zip(run, flat.view(len(run), *shape).unbind(0), strict=True))
+            self.runs.append((run, flat))
+            thresholds.append(kth)
             pieces.append(Piece(units, beta * math.sqrt(block), cost,
                                 sum(p.segments for p in pieces), rowwise=True))
             umax.append(units.amax(1))
@@ -103,7 +101,7 @@ class HeldUpdate:
                 solution.evaluations)
         self.tau = tau
         # read: the hard thresholds, finite, the budget error, the soft thresholds
-        self.values = torch.cat([torch.cat(thresholds).double(),
+        self.values = torch.cat([torch.cat(thresholds),
                                  torch.isfinite(unit_max).all().double().reshape(1),
                                  error.reshape(1), tau])
         self.known: dict[int, tuple[float, float]] = {}
@@ -118,9 +116,7 @@ class HeldUpdate:
         if not held or type(solver) is not AllocationSolver:
             return None
         refs = [solver.refs[i] for i, _ in held]
-        sync_free = solver.sync_free if solver.sync_free is not None else (
-            refs[0].theta.is_cuda)
-        ok = sync_free and len(held) < len(idx) and all(
+        ok = solver.on_device and len(held) < len(idx) and all(
             r.mask.method == "spartan" and r.mask.soft_active and r.mask.threshold.dim() == 0
             and r.theta.dtype == torch.float32
             and 0 < bound * r.mask.hard_mask.numel() < r.mask.hard_mask.numel() - 0.5

@@ -22,11 +22,17 @@ import torch
 
 from torchspartan._checks import check_weights
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
-from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, packed
+from torchspartan._select import select_segments_on_device
+from torchspartan.allocation import (
+    NEWTON_UNCHECKED,
+    AllocationSolver,
+    packed,
+    shifted_start,
+    split_views,
+)
 from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
 from torchspartan.policies import Allocation
-from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
 __all__ = ["Segments", "own_budgets", "update_alone"]
@@ -36,58 +42,49 @@ __all__ = ["Segments", "own_budgets", "update_alone"]
 MAX_ENTRIES = 1 << 27
 
 
+def own_budget(solver: AllocationSolver, alloc: Allocation, alloc_index: list[int]
+               ) -> int | None:
+    """The mask index of ``alloc`` when it is one tensor with a budget of its own and no
+    density bounds (Uniform, ERK; not N:M), else None."""
+    i = alloc_index[alloc.tensors[0]]
+    if alloc.group is not None or len(alloc.tensors) != 1 or solver.min_density(i, False) > 0 or (
+            solver.refs[i].mask.max_density < 1.0):
+        return None
+    return i
+
+
 def own_budgets(solver: AllocationSolver, allocs: list[Allocation], alloc_index: list[int]
                 ) -> list[tuple[int, float]]:
     """``(mask index, budget)`` of every allocation when all are tensors with budgets of their
-    own and no density bounds (Uniform, ERK) on the sync-free path of a plain solver (two or
-    more of them); else empty."""
-    sync_free = solver.sync_free if solver.sync_free is not None else bool(
-        solver.refs and solver.refs[0].theta.is_cuda)
-    if not sync_free or type(solver) is not AllocationSolver or len(allocs) < 2:
+    own (:func:`own_budget`) on the sync-free path of a plain solver (two or more of them);
+    else empty."""
+    if not solver.on_device or type(solver) is not AllocationSolver or len(allocs) < 2:
         return []
-    out = []
-    for a in allocs:
-        i = alloc_index[a.tensors[0]]
-        if a.group is not None or len(a.tensors) != 1 or solver.min_density(i, False) > 0 or (
-                solver.refs[i].mask.max_density < 1.0):
-            return []
-        out.append((i, a.density * solver.cost(i)))
-    return out
+    ids = [own_budget(solver, a, alloc_index) for a in allocs]
+    if any(i is None for i in ids):
+        return []
+    return [(i, a.density * solver.cost(i)) for i, a in zip(ids, allocs, strict=True)
+            if i is not None]
 
 
 class Segments:
     """The masks ``ids`` with budgets ``budgets`` (in cost units), computed together on the
     device; build with :meth:`make`. ``values`` are the device values to read: the hard
-    thresholds, the largest relative budget error, the soft thresholds."""
+    thresholds, whether the weights are finite, the largest relative budget error, the soft
+    thresholds."""
 
     def __init__(self, solver: AllocationSolver, ids: Sequence[int], budgets: Sequence[float],
                  beta: float) -> None:
         self.solver, self.ids, self.beta = solver, tuple(ids), beta
         refs = [solver.refs[i] for i in ids]
         units = solver.packed_units(self.ids)  # flat, every tensor a segment
-        device, total = units.device, units.numel()
+        device = units.device
         cost = solver.unit_costs[ids[0]] * refs[0].mask.block_numel
         sizes = [r.mask.hard_mask.numel() for r in refs]
         counts = [math.floor(b / cost + 0.5) for b in budgets]
         lengths = torch.tensor(sizes, device=device)
-        n = len(sizes)
-        # one stable sort of (segment, -u): every segment's entries by decreasing unit value,
-        # equal values in their order; the first count_k of segment k are kept
-        segment = torch.arange(n, device=device).repeat_interleave(lengths, output_size=total)
-        key = (segment << 32) | (0x7FFFFFFF - units.view(torch.int32)).to(torch.int64)
-        order = torch.sort(key, stable=True).indices
-        starts = [sum(sizes[:k]) for k in range(n)]
-        ends = torch.tensor([s + c for s, c in zip(starts, counts, strict=True)], device=device)
-        keep = torch.arange(total, device=device) < ends.repeat_interleave(lengths,
-                                                                          output_size=total)
-        flat = torch.zeros(total, dtype=torch.bool, device=device).scatter_(0, order, keep)
-        self.flat = flat
-        self.hard_of = dict(zip(self.ids, [h.view(r.mask.hard_mask.shape) for h, r in zip(
-            flat.split(sizes), refs, strict=True)], strict=True))
-        last = torch.tensor([s + max(c, 1) - 1 for s, c in zip(starts, counts, strict=True)],
-                            device=device)
-        hard = units.index_select(0, order.index_select(0, last)).double()
-        hard = torch.where(torch.tensor(counts, device=device) > 0, hard, math.inf)
+        self.flat, hard = select_segments_on_device(units, sizes, counts)
+        self.hard_of = split_views(solver, self.ids, self.flat)
         self.betas = [beta * math.sqrt(r.mask.block_numel) for r in refs]
         self.piece = Piece(units.view(1, -1), self.betas[0], cost, 0, lengths=lengths)
         self.budgets = torch.tensor(list(budgets), dtype=torch.float64, device=device)
@@ -95,15 +92,16 @@ class Segments:
         # the warm start of each: last step's tau moved with its hard threshold, keeping
         # beta (tau - h) (AllocationSolver.warm_start, per segment)
         tau = torch.stack([r.mask.threshold for r in refs])
-        past = [solver.hints.get((i,), [math.nan])[-1] for i in ids]
-        ratio = torch.stack([r.mask.beta for r in refs]) / self.betas[0]
-        shifted = (tau - tau.new_tensor(past)) * ratio + hard
-        self.tau_init = torch.where(torch.isfinite(shifted), shifted, tau)
+        past = tau.new_tensor([solver.hints.get((i,), [math.nan])[-1] for i in ids])
+        shifted = shifted_start(tau, torch.stack([r.mask.beta for r in refs]), past,
+                                self.betas[0], hard)
+        self.tau_init = torch.where(torch.isfinite(shifted), shifted, tau)  # no hint: tau
         self.solution = solve_soft([self.piece], self.budgets, unit_max=self.unit_max,
                                    tau_init=self.tau_init, reduce=solver.reduce,
                                    max_iter=NEWTON_UNCHECKED, check=False)
-        self.values = torch.cat([hard, self.solution.error.max().reshape(1),
-                                 self.solution.tau])
+        # finite weights give finite unit maxima (NaN and Inf propagate into them)
+        self.values = torch.cat([hard, torch.isfinite(self.unit_max).all().double().reshape(1),
+                                 self.solution.error.max().reshape(1), self.solution.tau])
 
     @classmethod
     def make(cls, solver: AllocationSolver, alone: Sequence[tuple[int, float]], beta: float
@@ -128,9 +126,9 @@ class Segments:
         """Write the masks from the read ``values`` (:attr:`values`'s); returns the Newton
         evaluations, the largest relative budget error and every mask's ``(tau, beta)``."""
         n = len(self.ids)
-        solution, error = self.solution, values[n]
+        solution, error = self.solution, values[n + 1]
         evaluations = solution.evaluations
-        taus = list(values[n + 1:])
+        taus = list(values[n + 2:])
         if not error <= TOLERANCE:  # an unchecked solve that has not converged yet: go on
             solution = solve_soft([self.piece], self.budgets, unit_max=self.unit_max,
                                   tau_init=solution.tau, reduce=self.solver.reduce)
@@ -168,25 +166,30 @@ def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int
     apart = [(i, b) for i, b in mixed if i not in joined]  # each through its own prepare
     pendings = [solver.prepare((i,), b, beta, step) for i, b in apart]
     new = [r.mask.hard_mask for r in refs]
-    for ids, flat in flats:
-        new = _split_into(new, ids, flat, refs)
-    for hard_of in [p.hard_of for p in pendings] + (
-            [together.hard_of] if together is not None else []):
+    for hard_of in [split_views(solver, ids, flat) for ids, flat in flats] + [
+            p.hard_of for p in pendings] + ([together.hard_of] if together is not None else []):
         for i, h in hard_of.items():
             new[i] = h
     if together is not None:
         flats.append((together.ids, together.flat))
     counts = budget.counts(old, new, packed(solver, flats, old))
-    # every masked weight finite (one multi-tensor norm), read with the rest
-    norms = torch.stack(torch._foreach_norm([r.theta for r in refs], 2)).double()
+    # finiteness, read with the rest: the solved weights' from their unit maxima; the other
+    # weights' (kept whole or emptied, not allocated) from one multi-tensor norm
+    solved = {i for i, _ in apart} | set(together.ids if together is not None else ())
+    others = [r.theta for i, r in enumerate(refs) if i not in solved]
+    flags = [p.scalars[0] for p in pendings if p.scalars]
+    flags += [together.values[len(together.ids)]] if together is not None else []
+    if others:
+        flags.append(torch.isfinite(torch.stack(torch._foreach_norm(others, 2))).all()
+                     .double())
     scalars = [s for p in pendings for s in p.scalars]
-    parts = [torch.isfinite(norms).double()]
+    parts = [torch.stack(flags)] if flags else []
     parts += [torch.stack(scalars)] if scalars else []
     parts += [together.values] if together is not None else []
     values = torch.cat([*parts, counts.values]).tolist()
-    if not all(values[:len(refs)]):
+    if not all(values[:len(flags)]):
         check_weights(refs, step)  # raises, naming the tensor (nothing was written)
-    start, iterations, error = len(refs), 0, 0.0
+    start, iterations, error = len(flags), 0, 0.0
     known: dict[int, tuple[float, float]] = {}
     for (i, _), p in zip(apart, pendings, strict=True):
         its, err = p.commit(values[start:start + len(p.scalars)])
@@ -211,12 +214,3 @@ def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int
     return (budget.record(old, counted, step, target, beta, iterations, error, collapsed),
             known)
 
-
-def _split_into(new: list[torch.Tensor], ids: Sequence[int], flat: torch.Tensor,
-                refs: Sequence[MaskRef]) -> list[torch.Tensor]:
-    """``new`` with the masks ``ids`` replaced by consecutive views of ``flat``."""
-    out = list(new)
-    parts = flat.split([refs[i].mask.hard_mask.numel() for i in ids])
-    for i, part in zip(ids, parts, strict=True):
-        out[i] = part.view(refs[i].mask.hard_mask.shape)
-    return out

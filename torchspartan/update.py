@@ -27,7 +27,7 @@ from torchspartan.coupling import Coupling
 from torchspartan.floors import Floors
 from torchspartan.held import HeldUpdate
 from torchspartan.mask import SpartanMask
-from torchspartan.own import own_budgets, update_alone
+from torchspartan.own import own_budget, own_budgets, update_alone
 from torchspartan.policies import (
     Allocation,
     AllocationPolicy,
@@ -124,8 +124,6 @@ class MaskUpdater:
         self.floors = Floors(self.solver, self.tensors, self.alloc_index,
                              [self.refs[i].mask.auto_floor for i in self.alloc_index])
         self.couplings: list[Coupling] = []
-        # (threshold, beta) of the held masks, read by the last update's held route
-        self._known: dict[int, tuple[float, float]] = {}
         self._planned: tuple[float, float, float, list[Allocation]] | None = None
 
     def check_bindings(self) -> None:
@@ -231,14 +229,15 @@ class MaskUpdater:
                 # one host read, then written (no sync on the way with a sync-free solver)
                 one = self._update_one(allocs[0], beta, step, old, alloc_density)
                 if one is not None:
-                    self.couplings += attach(self.solver, self.couplings, self._known)
-                    self.last_record = one
-                    return one
+                    record, known = one
+                    self.couplings += attach(self.solver, self.couplings, known)
+                    self.last_record = record
+                    return record
                 # a default floor binds: the bounded solve below (nothing was written)
             if alone:  # Uniform, ERK on the sync-free path: prepared, then one read
-                record, self._known = update_alone(self.solver, self.budget, alone, beta,
-                                                   step, old, alloc_density, self.collapsed)
-                self.couplings += attach(self.solver, self.couplings, self._known)
+                record, known = update_alone(self.solver, self.budget, alone, beta, step,
+                                             old, alloc_density, self.collapsed)
+                self.couplings += attach(self.solver, self.couplings, known)
                 self.last_record = record
                 return record
             iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
@@ -269,18 +268,20 @@ class MaskUpdater:
                    for j in alloc.tensors)
 
     def _update_one(self, alloc: Allocation, beta: float, step: int, old: list[torch.Tensor],
-                    alloc_density: float) -> StepRecord | None:
+                    alloc_density: float
+                    ) -> tuple[StepRecord, dict[int, tuple[float, float]]] | None:
+        """One shared budget: the step's record and the ``(threshold, beta)`` the held route
+        read of its held masks (for ``attach``), or None when a default floor binds (nothing
+        written: the bounded solve takes over)."""
         idx = tuple(self.alloc_index[j] for j in alloc.tensors)
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
         floors = self.floors.bind(alloc)
         route = HeldUpdate.make(self.solver, idx, budget, beta, step) if floors else None
-        self._known = {}
         if route is not None:  # the floors held last time: that set first, with one read
             record = route.apply(self.budget, self.floors.counts, old, step, alloc_density,
                                  self.collapsed)
             self.couplings += self.solver.take_couplings()
-            self._known = route.known
-            return record
+            return None if record is None else (record, route.known)
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
         counts = self.budget.counts(old, new, pending.packed(old))
@@ -289,7 +290,7 @@ class MaskUpdater:
                   if n else counts.values.tolist())
         if floors and self.floors.below(counts.read(values[n:])[1]) and (
                 not pending.scalars or values[0]):
-            return None  # a default floor binds: nothing written, the bounded solve takes over
+            return None  # a default floor binds
         iterations, error = pending.commit(values[:n])
         self.couplings += self.solver.take_couplings()
         redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
@@ -298,7 +299,7 @@ class MaskUpdater:
             self.release()
             return None
         return self.budget.record(old, None if redone else counts.read(values[n:]), step,
-                                  alloc_density, beta, iterations, error, self.collapsed)
+                                  alloc_density, beta, iterations, error, self.collapsed), {}
 
     def release(self) -> None:
         """Unbind every coupling (before new ones are made, or when training ends)."""
@@ -404,15 +405,12 @@ def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: l
     couplings made to ``couplings``; returns the Newton evaluations and the budget error."""
     iterations, error = 0, 0.0
     # tensors with a budget of their own and no density bounds (Uniform, ERK): one problem of
-    # a segment each, one selection call and one Newton solve for all of them (on the host path;
-    # the sync-free path keeps one device-side solve and one read per tensor)
-    sync_free = solver.sync_free if solver.sync_free is not None else bool(
-        solver.refs and solver.refs[0].theta.is_cuda)
-    batch = not sync_free or type(solver) is not AllocationSolver
-    alone = [(alloc_index[a.tensors[0]], a.density) for a in allocs if batch
-             if a.group is None and len(a.tensors) == 1
-             and solver.min_density(alloc_index[a.tensors[0]], False) == 0.0
-             and solver.refs[alloc_index[a.tensors[0]]].mask.max_density == 1.0]
+    # a segment each, one selection call and one Newton solve for all of them (the host and
+    # sharded paths; the sync-free path has its own, own.py, and solves here one by one only
+    # the allocations that come mixed with others)
+    batch = not solver.on_device or type(solver) is not AllocationSolver
+    alone = [(i, a.density) for a in allocs if batch
+             for i in [own_budget(solver, a, alloc_index)] if i is not None]
     if len(alone) > 1:
         iterations, error = solver.solve_each([i for i, _ in alone],
                                               [d * solver.cost(i) for i, d in alone], beta)
