@@ -383,25 +383,21 @@ def test_held_tensors_join_the_batched_node_with_their_own_budget(
     assert all(r.mask.coupling is updater.couplings[0] for r in refs)
     x, y = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0])
 
-    def grads() -> list[torch.Tensor]:
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        return [r.theta.grad.clone() for r in refs]
+    def grads(net: nn.Module) -> list[torch.Tensor]:
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        return [r.theta.grad.clone() for r in ts.find_masks(net)]
 
-    batched = grads()
+    batched = grads(model)
     twin = copy.deepcopy(model)  # copies are unbound; the loaded state binds them again
     loaded = ts.MaskUpdater(twin)
     loaded.load_state_dict(updater.state_dict())
     assert all(r.mask.coupling is loaded.couplings[0] for r in ts.find_masks(twin))
-    model_, model = model, twin
-    refs_ = refs
-    refs = ts.find_masks(twin)
-    assert all(torch.equal(a, b) for a, b in zip(batched, grads(), strict=True))
-    model, refs = model_, refs_
+    assert all(torch.equal(a, b) for a, b in zip(batched, grads(twin), strict=True))
     for r in held:  # each alone: the per-tensor path of a budget of its own
         r.mask.unbind()
     assert all(r.mask.coupling is None and r.mask.scope == "local" for r in held)
-    for r, a, b in zip(refs, batched, grads(), strict=True):
+    for r, a, b in zip(refs, batched, grads(model), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=r.name)
 
 
