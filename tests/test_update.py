@@ -273,6 +273,30 @@ def test_device_selection_is_exact_or_says_so() -> None:
     assert bool(ok) and torch.equal(mask, exact[0]) and float(threshold) == t
 
 
+@pytest.mark.parametrize("sizes,counts", [([50, 50, 50], [3, 0, 50]),
+                                          ([40, 70, 10], [5, 0, 10]), ([64] * 4, [1, 2, 3, 4])])
+@pytest.mark.parametrize("ties", [False, True])
+def test_device_selection_of_segments_is_the_host_selection(sizes: list[int], counts: list[int],
+                                                            ties: bool) -> None:
+    """Several budgets of their own on the device (one sort; rows when the segments share a
+    length): per segment the host selection's mask (ties by position) and its threshold."""
+    from torchspartan._select import select_segments_on_device, select_top_budget
+
+    u = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(0))
+    if ties:
+        u = (u * 4).round()
+    mask, kth = select_segments_on_device(u, sizes, counts)
+    start = 0
+    for size, count, threshold in zip(sizes, counts, kth.tolist(), strict=True):
+        part = u[start:start + size]
+        if count:
+            exact, t = select_top_budget([part], [1.0], float(count))
+            assert torch.equal(mask[start:start + size], exact[0]) and threshold == t
+        else:
+            assert not mask[start:start + size].any() and threshold == float("inf")
+        start += size
+
+
 @pytest.mark.parametrize("policy", ["global", "erk", "uniform"])
 def test_sync_free_updates_give_the_synchronous_masks(policy: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:

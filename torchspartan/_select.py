@@ -427,13 +427,21 @@ def select_segments_on_device(units: torch.Tensor, sizes: Sequence[int], counts:
     """Keep the ``counts[k]`` largest entries of every consecutive segment (``sizes[k]``
     entries) of the flat float32 ``units`` (``>= 0``), with no host sync: one stable sort of
     int64 ``(segment, -u)`` keys (the segment in the high bits, the complemented float bits of
-    ``u`` in the low ones), so that equal values keep their order, as the host selection keeps
-    them. The sort's buffers take about 40 bytes per entry.
+    ``u`` in the low ones; segments of one length: a stable descending sort of each row), so
+    that equal values keep their order, as the host selection keeps them. The sort's buffers
+    take about 40 bytes per entry.
 
     Returns the flat bool mask and the ``counts[k]``-th largest value of every segment
     (float64; ``inf`` where ``counts[k]`` is 0).
     """
     device, total, n = units.device, units.numel(), len(sizes)
+    if len(set(sizes)) == 1:  # segments of one length: a stable sort of each row
+        ranked, order = torch.sort(units.view(n, sizes[0]), dim=1, descending=True, stable=True)
+        count = torch.tensor(list(counts), device=device).unsqueeze(1)
+        keep = torch.arange(sizes[0], device=device) < count
+        mask = torch.zeros_like(keep).scatter_(1, order, keep).view(-1)
+        kth = ranked.gather(1, (count - 1).clamp_min_(0)).view(-1).double()
+        return mask, kth if min(counts) > 0 else torch.where(count.view(-1) > 0, kth, math.inf)
     lengths = torch.tensor(list(sizes), device=device)
     segment = torch.arange(n, device=device).repeat_interleave(lengths, output_size=total)
     key = (segment << 32) | (0x7FFFFFFF - units.view(torch.int32)).to(torch.int64)
@@ -446,4 +454,6 @@ def select_segments_on_device(units: torch.Tensor, sizes: Sequence[int], counts:
     last = torch.tensor([s + max(c, 1) - 1 for s, c in zip(starts, counts, strict=True)],
                         device=device)
     kth = units.index_select(0, order.index_select(0, last)).double()
+    if min(counts) > 0:
+        return mask, kth
     return mask, torch.where(torch.tensor(list(counts), device=device) > 0, kth, math.inf)
