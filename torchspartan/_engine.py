@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torchspartan._chunks import sigmoid_sums
 from torchspartan._select import select_flat
 
 __all__ = [
@@ -166,7 +167,8 @@ class SoftSolution:
     """What :func:`solve_soft` returns.
 
     Attributes:
-        masks: the soft mask of every piece at ``tau``, ``(rows, length)`` like its units.
+        masks: the soft mask of every piece at ``tau``, ``(rows, length)`` like its units
+            (only when asked for: ``solve_soft(masks=True)``; else empty).
         tau: the threshold of every segment, float64, shape ``(S,)``.
         slope: ``S_j = sum_{i in j} c_i beta_i m_i (1 - m_i)``, float64 ``(S,)``.
         evaluations: evaluations of the budget equation (each one pass per piece).
@@ -190,6 +192,8 @@ def solve_soft(
     max_iter: int = 100,
     reduce: Reduce | None = None,
     check: bool = True,
+    masks: bool = False,
+    chunks: bool = True,
 ) -> SoftSolution:
     """Thresholds ``tau`` with ``sum_{i in j} c_i sigmoid(beta_i (u_i - tau_j)) = B_j``.
 
@@ -207,6 +211,10 @@ def solve_soft(
             start is the bracket's midpoint, the same on every rank).
         check: test convergence (host syncs); ``False`` runs exactly ``max_iter`` evaluations
             and leaves the check of ``error`` to the caller.
+        masks: return the soft masks at the solution (``SoftSolution.masks``; else ``[]``).
+        chunks: without ``masks``, evaluate a one-segment piece on a CPU a chunk at a time in
+            the cache (``_chunks.sigmoid_sums``: one read of its units, not four passes). The
+            sync-free route passes ``False``: one op per pass, as it runs on a GPU.
     """
     device = budgets.device
     num_segments = budgets.numel()
@@ -228,12 +236,19 @@ def solve_soft(
     tau_hi = torch.full_like(budgets, -math.inf).scatter_reduce_(
         0, index, unit_max - shift, "amax")
     tau_lo = torch.full_like(budgets, math.inf).scatter_reduce_(0, index, -shift, "amin")
-    work = [torch.empty_like(p.units) for p in pieces]
+    work = [None if chunks and not masks and _sums_only(p) else torch.empty_like(p.units)
+            for p in pieces]
 
     def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tau = -x
         s1, s2 = [], []
         for p, m in zip(pieces, work, strict=True):
+            if m is None:  # a CPU piece with a number for beta and cost: chunk by chunk
+                shift = (-p.beta * _tau_of(p, tau)).to(cdt)
+                a, b = sigmoid_sums(p.units, float(p.beta), shift)
+                s1.append(a * float(p.cost))
+                s2.append(b * float(p.cost))
+                continue
             if p.many or isinstance(p.beta, torch.Tensor):
                 torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt))
             else:  # beta u - beta tau in one pass
@@ -263,7 +278,15 @@ def solve_soft(
     x, f, evaluations, slope = safeguarded_newton(
         evaluate, -tau0, -tau_hi, -tau_lo, budgets, tol, max_iter, resolution=resolution,
         check=check)
-    return SoftSolution(work, -x, slope, evaluations, f.abs() / budgets)
+    kept = [m for m in work if m is not None] if masks else []
+    return SoftSolution(kept, -x, slope, evaluations, f.abs() / budgets)
+
+
+def _sums_only(p: Piece) -> bool:
+    """Whether an evaluation of piece ``p`` can be summed a chunk at a time (a CPU piece of one
+    segment, with a number for beta and for cost)."""
+    return (p.units.device.type == "cpu" and not p.many and not isinstance(p.beta, torch.Tensor)
+            and not isinstance(p.cost, torch.Tensor) and p.units.is_contiguous())
 
 
 def _cold_start(

@@ -11,10 +11,11 @@ the last kept entry. We locate it by selection instead of a sort:
 
 1. A window ``[a, b]`` of unit values is guessed from a strided sample (or from the previous
    threshold, ``hint``), with a margin of a few standard deviations of the sample quantile.
-2. One exact pass counts the cost ``C(>b)`` of the entries above ``b`` and one gathers the entries
-   inside the window. If ``C(>b) <= B <= C(>=a)`` then every entry above ``b`` is kept (the last of
-   them starts before ``C(>b) - c/2 < B``) and every entry below ``a`` is dropped (the first of
-   them starts at ``C(>=a) >= B``), so only the window's few candidates remain to be ordered.
+2. One exact pass flags the entries above ``b`` (their cost ``C(>b)``) and gathers the entries
+   inside the window (on a CPU in one read, a chunk at a time: ``_chunks.split_window``). If
+   ``C(>b) <= B <= C(>=a)`` then every entry above ``b`` is kept (the last of them starts before
+   ``C(>b) - c/2 < B``) and every entry below ``a`` is dropped (the first of them starts at
+   ``C(>=a) >= B``), so only the window's few candidates remain to be ordered.
    Otherwise the failed side tightens a bracket that provably contains the boundary and the
    window is widened; once the margin covers the whole sample the window is the bracket itself,
    which always passes.
@@ -30,6 +31,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from torchspartan._chunks import count_true, split_window
 
 __all__ = ["select_flat", "select_segments_on_device", "select_top_budget"]
 
@@ -218,7 +221,7 @@ def _cost_of(flags: list[torch.Tensor], cs: list[Cost]) -> float:
     parts = []
     for f, c in zip(flags, cs, strict=True):
         if isinstance(c, float):
-            parts.append(torch.count_nonzero(f).to(torch.float64) * c)
+            parts.append(count_true(f).to(torch.float64) * c)
         else:
             parts.append(torch.where(f, c, 0.0).sum(dtype=torch.float64))
     return float(torch.stack(parts).sum()) if parts else 0.0
@@ -299,17 +302,15 @@ def select_flat(
             a, b = sample.window(budget, attempt, lo, hi)
             attempt += 1
         b_in = {dt: _round_to(b, dt, up=False) for dt in dtypes}
-        above = [torch.gt(u, b_in[u.dtype]) for u in us]
+        a_in = {dt: _round_to(a, dt, up=True) for dt in dtypes}
+        split = [split_window(u, a_in[u.dtype], b_in[u.dtype]) for u in us]
+        above = [s[0] for s in split]
         cost_above = _cost_of(above, cs)
         if cost_above > budget:
             lo = b
             continue
         hi = b
-        a_in = {dt: _round_to(a, dt, up=True) for dt in dtypes}
-        idx = [
-            torch.nonzero(torch.ge(u, a_in[u.dtype]).logical_xor_(g)).squeeze(1)
-            for u, g in zip(us, above, strict=True)
-        ]
+        idx = [s[1] for s in split]
         cand_cost = [
             torch.full((i.numel(),), c, dtype=torch.float64, device=i.device)
             if isinstance(c, float)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from torchspartan._blocks import BlockedViews, from_rows, to_rows
+from torchspartan._chunks import count_true
 from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, solve_soft
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
@@ -190,7 +191,7 @@ class AllocationSolver:
             if all(low(i) == 0.0 and self.refs[i].mask.max_density == 1.0
                    for i in free) or len(free) == 1:
                 break
-            kept = torch.stack([torch.count_nonzero(self.refs[i].mask.hard_mask)
+            kept = torch.stack([count_true(self.refs[i].mask.hard_mask)
                                  for i in free]).tolist()
             violators = []
             for i, k in zip(free, kept, strict=True):
@@ -342,11 +343,13 @@ class AllocationSolver:
             solution = solve_soft(pieces + more, torch.cat([budgets, extra.budgets]),
                                   unit_max=torch.cat([umax, extra.unit_max]),
                                   tau_init=torch.cat([tau_init, extra.tau_init]),
-                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False,
+                                  chunks=False)
             pending.joint = True
         elif sync_free and warm:
             solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
-                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False)
+                                  reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False,
+                                  chunks=False)
         else:
             solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
                                   reduce=self.reduce)

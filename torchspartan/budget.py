@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from torchspartan._chunks import count_true
 from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
@@ -109,15 +110,15 @@ class Budget:
                 changed.append(torch.count_nonzero(torch.ne(flat, flat_old)))
                 weights.append(b)
             else:
-                changed += [torch.count_nonzero(new[i] != old[i]) for i in run]
+                changed += [count_true(new[i] != old[i]) for i in run]
                 weights += [self.refs[i].mask.block_numel for i in run]
             kept_parts.append(_segment_sums(flat, self._ends(run, flat.device)))
             order += list(run)
         rest = [i for i in range(n) if i not in in_run]
-        changed += [torch.count_nonzero(new[i] != old[i]) for i in rest]
+        changed += [count_true(new[i] != old[i]) for i in rest]
         weights += [self.refs[i].mask.block_numel for i in rest]
         if rest:
-            kept_parts.append(torch.stack([torch.count_nonzero(new[i]) for i in rest]))
+            kept_parts.append(torch.stack([count_true(new[i]) for i in rest]))
             order += rest
         kept = kept_parts[0] if len(kept_parts) == 1 else torch.cat(kept_parts)
         values = torch.cat([torch.stack(changed).to(kept.dtype), kept]).to(torch.float64)

@@ -96,7 +96,8 @@ class HeldUpdate:
         else:
             solution = solve_soft(pieces, extra.budgets, unit_max=unit_max,
                                   tau_init=extra.tau_init, reduce=solver.reduce,
-                                  max_iter=NEWTON_UNCHECKED, check=False)
+                                  max_iter=NEWTON_UNCHECKED, check=False,
+                                  chunks=False)
             tau, error, self.evaluations = solution.tau, solution.error.max(), (
                 solution.evaluations)
         self.tau = tau

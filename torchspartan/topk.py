@@ -313,7 +313,7 @@ class SoftTopK(torch.autograd.Function):
         device = plan.budgets.device
         if pieces:
             sol = solve_soft(pieces, plan.budgets, tau_init=plan.tau_init, tol=plan.tol,
-                             max_iter=plan.max_iter)
+                             max_iter=plan.max_iter, masks=True)
             solved = iter(sol.masks)
             tau, evaluations, error = sol.tau, sol.evaluations, sol.error
         else:

@@ -1,0 +1,115 @@
+"""Passes over the scores on a CPU, a cache-sized chunk at a time, and exact counts of flags.
+
+On a CPU the mask update is bound by how often it reads the scores from memory and by a few
+slow kernels (a comparison into ``bool`` takes about two elementwise passes, ``nonzero`` and
+``count_nonzero`` one or more each). Here:
+
+- :func:`sigmoid_sums`: one Newton evaluation of a piece, ``sum m`` and ``sum m^2`` for
+  ``m = sigmoid(beta u + shift)``, with the soft mask of a chunk kept in the cache (never
+  written out): one read of ``u`` instead of four passes;
+- :func:`split_window`: the flags ``u > b`` and the positions of ``a <= u <= b`` in one read of
+  ``u`` (both comparisons on a chunk in the cache, into float flags, which compare at the speed
+  of a multiplication);
+- :func:`count_true`: the number of True flags, summing the flags eight at a time as the bytes
+  of 64-bit words (exact: each byte lane stays below 256);
+- :func:`true_positions`: the positions of few True flags, found among the nonzero words.
+
+Every function returns what the plain ``torch`` ops return, exactly (the sums up to the order of
+their additions: chunk sums in float32, added in float64), on any device; the chunked routes run
+on a CPU only (on a GPU one kernel per op is already the fast way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CHUNK", "count_true", "sigmoid_sums", "split_window", "true_positions"]
+
+# Entries per chunk: 256 KiB of float32 scores, with their float flags, stays in an L2 cache.
+CHUNK = 1 << 16
+# Below this many entries the plain ops are as fast.
+_MIN_CHUNKED = 1 << 15
+# Words summed before their byte lanes could reach 256.
+_LANE_WORDS = 255
+
+
+def _chunked(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.numel() >= _MIN_CHUNKED and t.is_contiguous()
+
+
+def _aligned(flags: torch.Tensor, multiple: int) -> tuple[int, int]:
+    """``(start, length)`` of the longest run of ``flags`` (flat, bool) that starts on an 8-byte
+    boundary of its storage and holds a multiple of ``multiple`` flags."""
+    start = min((-flags.storage_offset()) % 8, flags.numel())
+    return start, (flags.numel() - start) // multiple * multiple
+
+
+def count_true(flags: torch.Tensor) -> torch.Tensor:
+    """The number of True entries of a bool tensor, int64 0-dim (``torch.count_nonzero``)."""
+    flat = flags.reshape(-1)
+    if not _chunked(flat):
+        return torch.count_nonzero(flat)
+    start, length = _aligned(flat, 8 * _LANE_WORDS)
+    words = flat.narrow(0, start, length).view(torch.int64).view(-1, _LANE_WORDS)
+    # every byte of a word is 0 or 1: a sum of 255 words has byte lanes <= 255, no carries
+    lanes = words.sum(1).view(torch.uint8).sum(dtype=torch.int64)
+    rest = torch.count_nonzero(flat[:start]) + torch.count_nonzero(flat[start + length:])
+    return lanes + rest
+
+
+def true_positions(flags: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the True entries, int64 1-D (``flags.reshape(-1).nonzero()``), fast
+    when they are few: only the 8-byte words holding one are looked into."""
+    flat = flags.reshape(-1)
+    if not _chunked(flat):
+        return torch.nonzero(flat).squeeze(1)
+    start, length = _aligned(flat, 8)
+    body = flat.narrow(0, start, length)
+    words = torch.nonzero(body.view(torch.int64)).squeeze(1)
+    inside = torch.nonzero(body.view(-1, 8).index_select(0, words))
+    found = (words.index_select(0, inside[:, 0]) * 8).add_(inside[:, 1]).add_(start)
+    head = torch.nonzero(flat[:start]).squeeze(1)
+    tail = torch.nonzero(flat[start + length:]).squeeze(1).add_(start + length)
+    return torch.cat([head, found, tail])
+
+
+def split_window(units: torch.Tensor, low: float, high: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(units > high, positions of low <= units <= high)``: bool flags of the shape of
+    ``units`` and int64 flat positions, in one read of ``units`` on a CPU."""
+    if not _chunked(units):
+        above = torch.gt(units, high)
+        return above, true_positions(torch.ge(units, low).logical_xor_(above))
+    flat = units.reshape(-1)
+    above = torch.empty(flat.shape, dtype=torch.bool)
+    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype)
+    inside = torch.empty(scratch.shape, dtype=torch.bool)
+    found = []
+    for start in range(0, flat.numel(), CHUNK):
+        u = flat[start:start + CHUNK]
+        s, a, w = scratch[:u.numel()], above[start:start + CHUNK], inside[:u.numel()]
+        a.copy_(torch.gt(u, high, out=s))
+        w.copy_(torch.ge(u, low, out=s)).logical_xor_(a)
+        found.append(true_positions(w).add_(start))
+    return above.view(units.shape), torch.cat(found)
+
+
+def sigmoid_sums(units: torch.Tensor, beta: float, shift: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum m, sum m^2)`` of ``m = sigmoid(beta * units + shift)`` (``shift``: 0-dim, the
+    units' dtype), each float64 ``(1,)``; ``m`` is computed as ``torch.add(shift, units,
+    alpha=beta).sigmoid_()`` (the same values as that expression), a chunk at a time."""
+    flat = units.reshape(-1)
+    if not _chunked(flat):
+        m = torch.add(shift, flat, alpha=beta).sigmoid_()
+        return m.sum().double().reshape(1), torch.dot(m, m).double().reshape(1)
+    chunks = -(-flat.numel() // CHUNK)
+    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype)
+    sums = torch.empty(2, chunks, dtype=flat.dtype)
+    for k in range(chunks):
+        u = flat[k * CHUNK:(k + 1) * CHUNK]
+        m = torch.add(shift, u, alpha=beta, out=scratch[:u.numel()]).sigmoid_()
+        torch.sum(m, 0, out=sums[0, k])
+        torch.dot(m, m, out=sums[1, k])
+    totals = sums.sum(1, dtype=torch.float64)
+    return totals[:1], totals[1:]
