@@ -40,8 +40,9 @@ def _chunked(t: torch.Tensor) -> bool:
 def _aligned(flags: torch.Tensor, multiple: int) -> tuple[int, int]:
     """``(start, length)`` of the longest run of ``flags`` (flat, bool) that starts on an 8-byte
     boundary of its storage and holds a multiple of ``multiple`` flags."""
-    start = min((-flags.storage_offset()) % 8, flags.numel())
-    return start, (flags.numel() - start) // multiple * multiple
+    n = int(flags.numel())
+    start = min(-int(flags.storage_offset()) % 8, n)
+    return start, (n - start) // multiple * multiple
 
 
 def count_true(flags: torch.Tensor) -> torch.Tensor:
