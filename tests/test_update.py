@@ -4,6 +4,7 @@ one-engine property: training's gradient is the public soft top-k's gradient."""
 from __future__ import annotations
 
 import copy
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -474,3 +475,54 @@ def test_sync_free_own_budgets_refuse_non_finite_weights_before_writing(density:
         updater.update(density, 3.0)
     for r, b in zip(ts.find_masks(model), before, strict=True):
         assert torch.equal(r.mask.hard_mask, b), r.name
+
+
+def test_bounded_solve_from_the_last_held_set_writes_what_the_rounds_from_none_write(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With floors binding step after step, the bounded solve (torchspartan.bounded) tries the
+    last step's held set first, in one round; the masks it writes equal, bit for bit, those of
+    the rounds from no tensor held (a resumed run starts with no held set), and held tensors
+    that stop breaking their floor are released."""
+    import torchspartan.bounded as bounded
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
+        model[6].weight.mul_(3e-2)
+    ts.sparsify(model)
+    twin = copy.deepcopy(model)
+    warm, cold = ts.MaskUpdater(model), ts.MaskUpdater(twin)
+    gen = torch.Generator().manual_seed(1)
+    held_sets: list[list[int]] = []
+    tried: list[str] = []
+    rounds = bounded._rounds
+
+    def counted(solver: object, idx: tuple, budget: float, beta: float, step: int,
+                start: list) -> object:
+        found = rounds(solver, idx, budget, beta, step, start)  # type: ignore[arg-type]
+        if start:
+            tried.append("kept" if found is not None else "dropped")
+        return found
+
+    monkeypatch.setattr(bounded, "_rounds", counted)
+    schedule = [(0.1, 2.0), (0.09, 2.5), (0.08, 3.0), (0.08, 3.5), (0.07, 4.0), (0.3, 4.5),
+                (0.3, 5.0)]  # at 30% fewer floors bind
+    for step, (density, beta) in enumerate(schedule):
+        with torch.no_grad():  # the weights move between updates
+            for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+                noise = 1e-3 * torch.randn(a.shape, generator=gen)
+                a.add_(noise)
+                b.add_(noise)
+        cold.solver.held.clear()  # the rounds start from no tensor held every time
+        ra, rb = warm.update(density, beta, step), cold.update(density, beta, step)
+        assert ra == rb
+        held_sets.append(sorted(i for held in warm.solver.held.values() for i, _ in held))
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), (step, a.name)
+            assert torch.equal(a.mask.threshold, b.mask.threshold), (step, a.name)
+            assert torch.equal(a.mask.beta, b.mask.beta), (step, a.name)
+    assert tried.count("kept") >= 3, tried  # last step's set, one round, most steps
+    # a tensor held at one step and released at the next (its floor no longer binds)
+    assert any(set(b) < set(a) for a, b in itertools.pairwise(held_sets)), held_sets

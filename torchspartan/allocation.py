@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from torchspartan._blocks import BlockedViews, from_rows, to_rows
-from torchspartan._chunks import count_true
 from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, solve_soft
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
@@ -167,108 +166,65 @@ class AllocationSolver:
             pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0))
         return pieces, runs
 
-    def solve_bounded(self, idx: tuple[int, ...], density: float, beta: float, step: int = 0
-                      ) -> tuple[int, float]:
-        """Solve one shared budget, fixing tensors that violate their density bounds."""
-        free = list(idx)
-        budget = density * sum(self.cost(i) for i in idx)
-        iterations, error = 0, 0.0
-        shared = len(idx) > 1
-        held: list[tuple[int, float]] = []
-        self.held.pop(idx, None)
-
-        def low(i: int) -> float:
-            return self.min_density(i, shared)
-
-        for _ in range(len(idx) + 1):
-            if len(free) == 1:
-                m = self.refs[free[0]].mask
-                cap = self.cost(free[0])
-                budget = min(max(budget, low(free[0]) * cap), m.max_density * cap)
-            its, err = self.solve(tuple(free), budget, beta, step)
-            iterations += its
-            error = max(error, err)
-            if all(low(i) == 0.0 and self.refs[i].mask.max_density == 1.0
-                   for i in free) or len(free) == 1:
-                break
-            kept = torch.stack([count_true(self.refs[i].mask.hard_mask)
-                                 for i in free]).tolist()
-            violators = []
-            for i, k in zip(free, kept, strict=True):
-                m = self.refs[i].mask
-                d = k * m.block_numel / self.refs[i].theta.numel()
-                if d < low(i) - 1e-12:
-                    violators.append((i, low(i)))
-                elif d > m.max_density + 1e-12:
-                    violators.append((i, m.max_density))
-            if not violators:
-                break
-            its, err = self.solve_each([i for i, _ in violators],
-                                       [bound * self.cost(i) for i, bound in violators], beta)
-            iterations += its
-            error = max(error, err)
-            for i, bound in violators:
-                budget -= bound * self.cost(i)
-                free.remove(i)
-            budget = max(budget, 0.0)
-            held += violators
-        if held and all(bound == low(i) for i, bound in held):
-            self.held[idx] = held  # all at their lower bounds: tried first next time
-        return iterations, error
-
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
                    ) -> tuple[int, float]:
         """Masks ``idx[k]``, each alone with its budget ``budgets[k]`` (tensors held at a density
         bound), as one problem of one segment per tensor: one selection call and one Newton
         solve for all of them (not one each); writes the masks, each with its own threshold."""
-        rest, refs, pieces = self.pieces_each(idx, budgets, beta)
-        if not rest:
-            return 0, 0.0
-        umax = torch.stack([p.units.amax() for p in pieces]).double()
-        if not bool(torch.isfinite(umax).all()):
-            Pending(self, tuple(i for i, _ in rest), 0, {}, pieces=pieces,
-                    runs=[[i] for i, _ in rest]).raise_non_finite()
-        hard, thresholds = hard_select(pieces, [b for _, b in rest],
-                                       [self.hint((i,)) for i, _ in rest])
-        for (i, _), threshold in zip(rest, thresholds, strict=True):
-            self.remember((i,), threshold)
-        grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, refs, strict=True)]
-        return self.write_each(refs, pieces, [b for _, b in rest], umax, grids, beta)
+        return self.write_each(self.select_each(idx, budgets, beta), beta)
 
-    def pieces_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
-                    ) -> tuple[list[tuple[int, float]], list[MaskRef], list[Piece]]:
-        """The start of :meth:`solve_each`: the tensors kept whole or emptied (or alone) solved
-        by :meth:`solve`; for the rest, ``(mask index, budget)``, their refs and one piece
-        each (segment ``k`` for the ``k``-th)."""
-        total = [self.cost(i) for i in idx]
-        alone = [(i, b) for i, b, c in zip(idx, budgets, total, strict=True)
-                 if b <= 0 or b >= c * (1 - 1e-12) or len(idx) == 1]
-        for i, b in alone:  # all or nothing, or a single tensor: the one-budget solve
-            self.solve((i,), b, beta)
-        rest = [(i, b) for i, b in zip(idx, budgets, strict=True) if (i, b) not in alone]
-        refs = [self.refs[i] for i, _ in rest]
-        pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
-                        self.unit_costs[i] * r.mask.block_numel, k)
-                  for k, (i, r) in enumerate(zip([i for i, _ in rest], refs, strict=True))]
-        return rest, refs, pieces
+    def select_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float) -> Each:
+        """The hard masks of :meth:`solve_each`, nothing written."""
+        each = self.pieces_each(idx, budgets, beta)
+        if not each.ids:
+            return each
+        each.umax = torch.stack([p.units.amax() for p in each.pieces]).double()
+        if not bool(torch.isfinite(each.umax).all()):
+            Pending(self, tuple(each.ids), 0, {}, pieces=each.pieces,
+                    runs=[[i] for i in each.ids]).raise_non_finite()
+        hard, each.thresholds = hard_select(each.pieces, each.budgets,
+                                            [self.hint((i,)) for i in each.ids])
+        each.grids = [h.view(r.mask.hard_mask.shape) for h, r in zip(hard, each.refs,
+                                                                       strict=True)]
+        return each
 
-    def write_each(self, refs: Sequence[MaskRef], pieces: Sequence[Piece],
-                   budgets: Sequence[float], umax: torch.Tensor, grids: Sequence[torch.Tensor],
-                   beta: float) -> tuple[int, float]:
-        """The end of :meth:`solve_each`: the soft thresholds of the Spartan masks among ``refs``
+    def pieces_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float) -> Each:
+        """The start of :meth:`select_each`: the tensors kept whole or emptied apart; for the
+        rest, their budgets, refs and one piece each (segment ``k`` for the ``k``-th)."""
+        each = Each()
+        for i, b in zip(idx, budgets, strict=True):
+            if b <= 0 or b >= self.cost(i) * (1 - 1e-12):
+                each.fills.append((i, b > 0))
+            else:
+                each.ids.append(i)
+                each.budgets.append(b)
+        each.refs = [self.refs[i] for i in each.ids]
+        each.pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
+                             self.unit_costs[i] * r.mask.block_numel, k)
+                       for k, (i, r) in enumerate(zip(each.ids, each.refs, strict=True))]
+        return each
+
+    def write_each(self, each: Each, beta: float) -> tuple[int, float]:
+        """The end of :meth:`solve_each`: the soft thresholds of the Spartan masks of ``each``
         (one Newton solve, a segment each, warm-started from their thresholds), then every
-        mask written with its hard mask ``grids[k]``."""
+        mask written with its hard mask."""
+        for i, fill in each.fills:
+            m = self.refs[i].mask
+            m.update(torch.full_like(m.hard_mask, fill), threshold=m.threshold)
+        for i, threshold in zip(each.ids, each.thresholds, strict=True):
+            self.remember((i,), threshold)
+        refs, pieces, grids = each.refs, each.pieces, each.grids
         soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
         iterations, error = 0, 0.0
-        if soft:
+        if soft and each.umax is not None:
             sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
                    for j, k in enumerate(soft)]
             warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
                        for k in soft)
             solution = solve_soft(
-                sub, torch.tensor([budgets[k] for k in soft], dtype=torch.float64,
-                                  device=umax.device),
-                unit_max=umax[soft], reduce=self.reduce,
+                sub, torch.tensor([each.budgets[k] for k in soft], dtype=torch.float64,
+                                  device=each.umax.device),
+                unit_max=each.umax[soft], reduce=self.reduce,
                 tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)
             iterations, error = solution.evaluations, float(solution.error.max())
             for j, k in enumerate(soft):
@@ -297,7 +253,7 @@ class AllocationSolver:
         return pending.commit(values)
 
     def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0,
-                extra: Extra | None = None) -> Pending:
+                extra: Extra | None = None, *, soft: bool = True) -> Pending:
         """Compute one shared budget's masks without writing them; ``Pending.scalars`` are the
         device values its ``commit`` needs (read by the caller, with others, in one sync).
 
@@ -307,6 +263,8 @@ class AllocationSolver:
         that preparing makes no host synchronisation. ``extra``: more segments (tensors held
         at their bounds) solved by the same warm-started Newton iteration when it runs
         (``Pending.joint``; their thresholds follow the budget's in ``solution.tau``).
+        ``soft=False``: the hard masks only, selected on the host (``Pending.threshold`` known;
+        :meth:`solve_pending` adds the soft threshold).
         """
         masks = [self.refs[i].mask for i in idx]
         total = sum(self.cost(i) for i in idx)
@@ -315,9 +273,8 @@ class AllocationSolver:
                                              for i, m in zip(idx, masks, strict=True)})
         pieces, runs = self.pieces(idx, beta)
         umax = torch.stack([p.units.amax() for p in pieces]).double()
-        sync_free = self.on_device
-        on_device = sync_free and len(pieces) == 1 and pieces[0].units.dtype == torch.float32
-        hard_threshold: float | torch.Tensor
+        on_device = (soft and self.on_device and len(pieces) == 1
+                     and pieces[0].units.dtype == torch.float32)
         pending = Pending(self, idx, step, {}, pieces=pieces, runs=runs, budget=budget,
                           beta=beta, umax=umax)
         pending.scalars.append(torch.isfinite(umax).all().to(torch.float64))
@@ -326,17 +283,25 @@ class AllocationSolver:
             mask, threshold, ok = select_on_device(pieces[0].units.reshape(-1), count)
             hard = [mask.view(1, -1)]
             pending.scalars += [ok.to(torch.float64), threshold]
-            hard_threshold = threshold
+            pending.hard_threshold = threshold
         else:
             pending.check_finite_now()
             hard, thresholds = hard_select(pieces, [budget], [self.hint(idx)])
-            pending.threshold = hard_threshold = thresholds[0]
+            pending.threshold = pending.hard_threshold = thresholds[0]
         pending.set_hard(hard)
-        if not any(m.method == "spartan" for m in masks):
-            return pending
-        budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
-        tau_init = self.warm_start(idx, masks, beta, hard_threshold)
-        warm = tau_init is not None
+        if soft:
+            self.solve_pending(pending, extra)
+        return pending
+
+    def solve_pending(self, pending: Pending, extra: Extra | None = None) -> None:
+        """The soft threshold of a prepared budget with Spartan masks (see :meth:`prepare`)."""
+        idx, pieces, umax, beta = pending.idx, pending.pieces, pending.umax, pending.beta
+        masks = [self.refs[i].mask for i in idx]
+        if not pieces or umax is None or not any(m.method == "spartan" for m in masks):
+            return
+        budgets = torch.tensor([pending.budget], dtype=torch.float64, device=umax.device)
+        tau_init = self.warm_start(idx, masks, beta, pending.hard_threshold)
+        sync_free = self.on_device
         if sync_free and extra is not None and tau_init is not None:
             more = [Piece(p.units, p.beta, p.cost, p.segment + 1, p.rowwise)
                     for p in extra.pieces]
@@ -346,7 +311,7 @@ class AllocationSolver:
                                   reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False,
                                   chunks=False)
             pending.joint = True
-        elif sync_free and warm:
+        elif sync_free and tau_init is not None:
             solution = solve_soft(pieces, budgets, unit_max=umax, tau_init=tau_init,
                                   reduce=self.reduce, max_iter=NEWTON_UNCHECKED, check=False,
                                   chunks=False)
@@ -355,7 +320,6 @@ class AllocationSolver:
                                   reduce=self.reduce)
         pending.solution = solution
         pending.scalars += [solution.tau[0], solution.error.max()]
-        return pending
 
     def warm_start(self, idx: tuple[int, ...], masks: Sequence[SpartanMask], beta: float,
                    hard: float | torch.Tensor) -> torch.Tensor | None:
@@ -433,6 +397,22 @@ class Extra:
     tau_init: torch.Tensor
 
 
+@dataclass
+class Each:
+    """Tensors each alone with its budget (see :meth:`AllocationSolver.select_each`): those kept
+    whole or emptied (``fills``), and for the others (``ids``) their budgets, refs, pieces,
+    largest unit values, selected hard masks (``grids``, mask shape) and hard thresholds."""
+
+    fills: list[tuple[int, bool]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=list)
+    refs: list[MaskRef] = field(default_factory=list)
+    pieces: list[Piece] = field(default_factory=list)
+    umax: torch.Tensor | None = None
+    grids: list[torch.Tensor] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)
+
+
 class Pending:
     """One shared budget's masks, computed but not yet written (see ``prepare``).
 
@@ -450,6 +430,7 @@ class Pending:
         self.scalars: list[torch.Tensor] = []
         self.flats: list[tuple[tuple[int, ...], torch.Tensor]] = []
         self.threshold: float | None = None  # the hard threshold, when known on the host
+        self.hard_threshold: float | torch.Tensor = math.nan  # on the host or the device
         self.solution: SoftSolution | None = None
         self.joint = False  # the solution holds the extra segments of ``prepare`` too
         self.tau_host: float | None = None  # a single tensor's soft threshold, once committed

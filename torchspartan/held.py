@@ -1,7 +1,7 @@
 """A shared budget whose floors bound at the last update, recomputed on the device in one read.
 
 When tensors of a shared budget sit at their lower density bound (a default floor, or an
-explicit ``min_density``), the bounded solve (:meth:`AllocationSolver.solve_bounded`) finds them
+explicit ``min_density``), the bounded solve (:func:`torchspartan.bounded.solve_bounded`) finds them
 round by round, with host reads between the rounds. From one step to the next the set of such
 *held* tensors rarely changes, so the sync-free path (the default on CUDA) tries the last step's
 set first: the other tensors as one shared budget (a :class:`Pending`), each held tensor alone at

@@ -29,7 +29,7 @@ import torch
 from torchspartan._blocks import block_mul, block_reduce, from_rows, to_rows
 from torchspartan._engine import Piece, hard_select, solve_soft
 from torchspartan._kernels import MaskSpec, soft_mask
-from torchspartan.allocation import AllocationSolver, Extra, Pending
+from torchspartan.allocation import AllocationSolver, Each, Extra, Pending
 from torchspartan.coupling import BoundMask, Coupling
 from torchspartan.distributed import (
     ORDER,
@@ -131,7 +131,7 @@ class ShardedSolver(AllocationSolver):
 
     # -- one shared budget ---------------------------------------------------------------
     def prepare(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0,
-                extra: Extra | None = None) -> Pending:
+                extra: Extra | None = None, *, soft: bool = True) -> Pending:
         # ``extra`` is never given here: the held route is the one-process sync-free path's
         masks = [self.refs[i].mask for i in idx]
         total = sum(self.cost(i) for i in idx)
@@ -150,35 +150,42 @@ class ShardedSolver(AllocationSolver):
         pending = Pending(self, idx, step, hard_of, pieces=pieces, runs=runs, budget=budget,
                           beta=beta, umax=umax)
         pending.scalars.append(torch.ones((), dtype=torch.float64, device=umax.device))  # checked
-        pending.threshold = threshold
-        if not any(m.method == "spartan" for m in masks):
-            return pending
-        budgets = torch.tensor([budget], dtype=torch.float64, device=umax.device)
+        pending.threshold = pending.hard_threshold = threshold
+        if soft:
+            self.solve_pending(pending)
+        return pending
+
+    def solve_pending(self, pending: Pending, extra: Extra | None = None) -> None:
+        """The soft threshold of a prepared budget: a checked Newton solve, its sums
+        all-reduced."""
+        idx, pieces, umax = pending.idx, pending.pieces, pending.umax
+        masks = [self.refs[i].mask for i in idx]
+        if not pieces or umax is None or not any(m.method == "spartan" for m in masks):
+            return
+        budgets = torch.tensor([pending.budget], dtype=torch.float64, device=umax.device)
         solution = solve_soft(pieces, budgets, unit_max=umax,
-                              tau_init=self.warm_start(idx, masks, beta, threshold),
+                              tau_init=self.warm_start(idx, masks, pending.beta,
+                                                       pending.hard_threshold),
                               reduce=self.reduce)
         pending.solution = solution
         pending.scalars += [solution.tau[0], solution.error.max()]
-        return pending
 
-    def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
-                   ) -> tuple[int, float]:
+    def select_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float) -> Each:
         """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound), as one
-        problem of one segment per tensor: one sharded selection, one gather of their masks and
-        one Newton solve for all of them; writes the masks, each with its own threshold."""
-        rest, refs, pieces = self.pieces_each(idx, budgets, beta)
-        if not rest:
-            return 0, 0.0
-        ids = [i for i, _ in rest]
-        umax = self.global_max(ids, pieces, 0)
-        local, _ = select_segments([p.units.reshape(-1) for p in pieces],
-                                   [float(p.cost) for p in pieces], list(range(len(rest))),
-                                   [b for _, b in rest], umax.tolist(), self.group,
-                                   [r.mask.hard_mask.numel() for r in refs])
+        problem of one segment per tensor: one sharded selection and one gather of their masks
+        (:meth:`write_each` then solves them with one Newton solve); nothing written."""
+        each = self.pieces_each(idx, budgets, beta)
+        if not each.ids:
+            return each
+        each.umax = self.global_max(each.ids, each.pieces, 0)
+        local, each.thresholds = select_segments(
+            [p.units.reshape(-1) for p in each.pieces], [float(p.cost) for p in each.pieces],
+            list(range(len(each.ids))), each.budgets, each.umax.tolist(), self.group,
+            [r.mask.hard_mask.numel() for r in each.refs])
         grids = [h.view(self.parts[i].rows, *self.refs[i].mask.hard_mask.shape[1:])
-                 for i, h in zip(ids, local, strict=True)]
-        full = self.gather(ids, grids)
-        return self.write_each(refs, pieces, [b for _, b in rest], umax, full, beta)
+                 for i, h in zip(each.ids, local, strict=True)]
+        each.grids = self.gather(each.ids, grids)
+        return each
 
     def global_max(self, idx: Sequence[int], pieces: Sequence[Piece], step: int
                    ) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torchspartan._checks import check_weights, finite_number
 from torchspartan.allocation import AllocationSolver, bind
 from torchspartan.batching import attach
 from torchspartan.bindings import Places, checked_refs
+from torchspartan.bounded import solve_bounded
 from torchspartan.budget import Budget, SparsityOf
 from torchspartan.coupling import Coupling
 from torchspartan.floors import Floors
@@ -282,6 +283,8 @@ class MaskUpdater:
                                  self.collapsed)
             self.couplings += self.solver.take_couplings()
             return None if record is None else (record, route.known)
+        if floors and idx in self.solver.held:  # the bounded solve tries that set first
+            return None
         pending = self.solver.prepare(idx, budget, beta, step)
         new = [pending.hard_of.get(i, r.mask.hard_mask) for i, r in enumerate(self.refs)]
         counts = self.budget.counts(old, new, pending.packed(old))
@@ -422,7 +425,7 @@ def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: l
         if alloc.group is not None:
             its, err = solver.solve_rows(idx, alloc.density, alloc.group, beta)
         else:
-            its, err = solver.solve_bounded(idx, alloc.density, beta, step)
+            its, err = solve_bounded(solver, idx, alloc.density, beta, step)
         couplings += solver.take_couplings()
         iterations += its
         error = max(error, err)
