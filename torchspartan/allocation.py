@@ -211,21 +211,27 @@ class AllocationSolver:
         for i, fill in each.fills:
             m = self.refs[i].mask
             m.update(torch.full_like(m.hard_mask, fill), threshold=m.threshold)
-        for i, threshold in zip(each.ids, each.thresholds, strict=True):
-            self.remember((i,), threshold)
         refs, pieces, grids = each.refs, each.pieces, each.grids
         soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
+        # before this step's hard thresholds are remembered: a mask with a budget of its own
+        # last step starts shifted with its hard threshold; one that shared a budget from its
+        # tau as it is (its own last hard threshold may be old)
+        starts = [self.warm_start((each.ids[k],), [refs[k].mask], beta, each.thresholds[k])
+                  if refs[k].mask.scope == "local" else
+                  refs[k].mask.threshold.reshape(1) if refs[k].mask.soft_active
+                  and refs[k].mask.threshold.dim() == 0 else None for k in soft]
+        for i, threshold in zip(each.ids, each.thresholds, strict=True):
+            self.remember((i,), threshold)
         iterations, error = 0, 0.0
         if soft and each.umax is not None:
             sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
                    for j, k in enumerate(soft)]
-            warm = all(refs[k].mask.soft_active and refs[k].mask.threshold.dim() == 0
-                       for k in soft)
             solution = solve_soft(
                 sub, torch.tensor([each.budgets[k] for k in soft], dtype=torch.float64,
                                   device=each.umax.device),
                 unit_max=each.umax[soft], reduce=self.reduce,
-                tau_init=torch.stack([refs[k].mask.threshold for k in soft]) if warm else None)
+                tau_init=None if any(t is None for t in starts) else torch.cat(
+                    [t for t in starts if t is not None]))
             iterations, error = solution.evaluations, float(solution.error.max())
             for j, k in enumerate(soft):
                 refs[k].mask.update(grids[k], threshold=solution.tau[j],
