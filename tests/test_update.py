@@ -526,3 +526,43 @@ def test_bounded_solve_from_the_last_held_set_writes_what_the_rounds_from_none_w
     assert tried.count("kept") >= 3, tried  # last step's set, one round, most steps
     # a tensor held at one step and released at the next (its floor no longer binds)
     assert any(set(b) < set(a) for a, b in itertools.pairwise(held_sets)), held_sets
+
+
+def test_nm_rows_of_all_tensors_are_one_problem_with_the_masks_of_one_problem_each(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """N:M: the rows of every masked tensor are selected and solved together (one selection,
+    one Newton solve per update), and give each tensor the masks it gets alone."""
+    import torchspartan.allocation as allocation
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 8, 1), nn.Flatten(),
+                          nn.Linear(8, 12))
+    ts.sparsify(model)
+    twin = copy.deepcopy(model)
+    together, alone = ts.MaskUpdater(model, ts.NM(2, 4)), ts.MaskUpdater(twin, ts.NM(2, 4))
+    solves = []
+    solve_soft = allocation.solve_soft
+
+    def counted(pieces: list, *args: object, **kwargs: object) -> object:
+        solves.append(pieces[0].units.shape[0])
+        return solve_soft(pieces, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(allocation, "solve_soft", counted)
+    for step, beta in enumerate([2.0, 3.0, 4.0]):  # cold, then warm
+        solves.clear()
+        together.update(0.5, beta, step)
+        rows = [r.theta.numel() // 4 for r in ts.find_masks(model)]
+        assert solves == [sum(rows)]  # one solve over the rows of all three tensors
+        with torch.no_grad():
+            for i in range(len(rows)):  # each tensor alone: its own problem
+                alone.solver.solve_rows((i,), 0.5, 4, beta)
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            assert torch.equal(a.mask.hard_mask, b.mask.hard_mask), (step, a.name)
+            rows_kept = to_groups(a.mask.hard_mask).sum(-1)
+            assert bool((rows_kept == 2).all()), a.name
+            torch.testing.assert_close(a.mask.threshold, b.mask.threshold, rtol=1e-5, atol=1e-7)
+
+
+def to_groups(mask: torch.Tensor) -> torch.Tensor:
+    """The N:M groups of a mask: 4 consecutive entries along dim 1."""
+    return mask.movedim(1, -1).reshape(-1, 4)

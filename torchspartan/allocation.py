@@ -358,33 +358,49 @@ class AllocationSolver:
             self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
 
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
-                    ) -> tuple[int, float]:
-        """N:M: every row of ``group`` entries along dim 1 keeps ``density * group``."""
-        iterations, error = 0, 0.0
-        for i in idx:
-            r = self.refs[i]
-            rows = to_rows(r.theta.abs(), group)
+                   ) -> tuple[int, float]:
+        """N:M: every row of ``group`` entries along dim 1 of the masks ``idx`` keeps
+        ``density * group``. The rows of all of them (per dtype) are one problem: one batched
+        selection and one Newton solve, not one per tensor."""
+        budget = density * group
+        if budget >= group * (1 - 1e-12):
+            for i in idx:
+                m = self.refs[i].mask
+                m.update(torch.ones_like(m.hard_mask), threshold=m.threshold)
+            return 0, 0.0
+        by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+        for i in sorted(idx, key=lambda i: self.refs[i].mask.method != "spartan"):
+            rows = to_rows(self.refs[i].theta.abs(), group)
             rows = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows
-            piece = Piece(rows, beta, 1.0, 0, rowwise=True)
-            budget = density * group
-            if budget >= group * (1 - 1e-12):
-                r.mask.update(torch.ones_like(r.mask.hard_mask), threshold=r.mask.threshold)
-                continue
-            hard, _ = hard_select([piece], [budget] * rows.shape[0])
-            hard_grid = from_rows(hard[0], r.mask.hard_mask.shape, group).contiguous()
-            if r.mask.method != "spartan":
-                r.mask.update(hard_grid)
-                continue
-            warm = r.mask.soft_active and r.mask.threshold.shape == (rows.shape[0],)
-            budgets = torch.full((rows.shape[0],), budget, dtype=torch.float64,
-                                 device=rows.device)
-            solution = solve_soft([piece], budgets,
-                                  tau_init=r.mask.threshold if warm else None)
-            r.mask.update(hard_grid, threshold=solution.tau, beta=beta, scope="local")
-            iterations += solution.evaluations
-            error = max(error, float(solution.error.max()))
+            by_dtype.setdefault(rows.dtype, []).append((i, rows))
+        iterations, error = 0, 0.0
+        for members in by_dtype.values():  # the Spartan masks' rows first
+            units = torch.cat([rows for _, rows in members])
+            counts = [rows.shape[0] for _, rows in members]
+            hard, _ = hard_select([Piece(units, beta, 1.0, 0, rowwise=True)],
+                                  [budget] * units.shape[0])
+            grids = {i: from_rows(h, self.refs[i].mask.hard_mask.shape, group).contiguous()
+                     for (i, _), h in zip(members, hard[0].split(counts), strict=True)}
+            soft = [(i, n) for (i, _), n in zip(members, counts, strict=True)
+                    if self.refs[i].mask.method == "spartan"]
+            taus: list[torch.Tensor] = []
+            if soft:
+                n_soft = sum(n for _, n in soft)
+                masks = [self.refs[i].mask for i, _ in soft]
+                warm = all(m.soft_active and m.threshold.shape == (n,)
+                           for m, (_, n) in zip(masks, soft, strict=True))
+                solution = solve_soft(
+                    [Piece(units.narrow(0, 0, n_soft), beta, 1.0, 0, rowwise=True)],
+                    torch.full((n_soft,), budget, dtype=torch.float64, device=units.device),
+                    tau_init=torch.cat([m.threshold for m in masks]) if warm else None)
+                taus = list(solution.tau.split([n for _, n in soft]))
+                iterations += solution.evaluations
+                error = max(error, float(solution.error.max()))
+            for (i, _), tau in zip(soft, taus, strict=True):
+                self.refs[i].mask.update(grids[i], threshold=tau, beta=beta, scope="local")
+            for i, _ in members[len(soft):]:
+                self.refs[i].mask.update(grids[i])
         return iterations, error
-
 
 
 # Newton evaluations of a warm-started solve that makes no host sync (checked at the commit).

@@ -420,13 +420,21 @@ def solve_all(solver: AllocationSolver, allocs: list[Allocation], alloc_index: l
         done = {i for i, _ in alone}
         allocs = [a for a in allocs if a.group is not None or len(a.tensors) > 1
                   or alloc_index[a.tensors[0]] not in done]
+    # N:M: the rows of every tensor with one (group, density), one problem
+    rows: dict[tuple[int, float], list[int]] = {}
     for alloc in allocs:
-        idx = tuple(alloc_index[j] for j in alloc.tensors)
         if alloc.group is not None:
-            its, err = solver.solve_rows(idx, alloc.density, alloc.group, beta)
-        else:
-            its, err = solve_bounded(solver, idx, alloc.density, beta, step)
-        couplings += solver.take_couplings()
+            rows.setdefault((alloc.group, alloc.density), []).extend(
+                alloc_index[j] for j in alloc.tensors)
+    for (group, density), ids in rows.items():
+        its, err = solver.solve_rows(tuple(ids), density, group, beta)
         iterations += its
         error = max(error, err)
+    for alloc in allocs:
+        if alloc.group is None:
+            its, err = solve_bounded(solver, tuple(alloc_index[j] for j in alloc.tensors),
+                                     alloc.density, beta, step)
+            couplings += solver.take_couplings()
+            iterations += its
+            error = max(error, err)
     return iterations, error
