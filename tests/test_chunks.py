@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchspartan._chunks as chunks_module
-from torchspartan._chunks import count_true, sigmoid_sums, split_window, true_positions
+from torchspartan._chunks import (
+    abs_max,
+    count_true,
+    sigmoid_sums,
+    split_window,
+    true_positions,
+)
 from torchspartan._engine import Piece, solve_soft
 
 
@@ -97,3 +103,13 @@ def test_solve_soft_chunked_evaluations_give_the_thresholds_of_the_full_ones() -
     assert float(chunked.error.max()) <= 1e-6 and float(full.error.max()) <= 1e-6
     torch.testing.assert_close(chunked.tau, full.tau, rtol=1e-6, atol=0.0)
     torch.testing.assert_close(chunked.slope, full.slope, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("n", [5, 64, 1000])
+def test_abs_max_equals_abs_and_amax(n: int) -> None:
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(n))
+    a, top = abs_max(x)
+    assert torch.equal(a, x.abs().reshape(-1)) and torch.equal(top, x.abs().amax())
+    x[n // 2, 1] = float("nan")
+    assert bool(abs_max(x)[1].isnan())  # a NaN reaches the maximum (the finiteness check)

@@ -10,6 +10,7 @@ slow kernels (a comparison into ``bool`` takes about two elementwise passes, ``n
 - :func:`split_window`: the flags ``u > b`` and the positions of ``a <= u <= b`` in one read of
   ``u`` (both comparisons on a chunk in the cache, into float flags, which compare at the speed
   of a multiplication);
+- :func:`abs_max`: ``|x|`` and its largest value in one read of ``x``;
 - :func:`count_true`: the number of True flags, summing the flags eight at a time as the bytes
   of 64-bit words (exact: each byte lane stays below 256);
 - :func:`true_positions`: the positions of few True flags, found among the nonzero words.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "count_true", "sigmoid_sums", "split_window", "true_positions"]
+__all__ = ["CHUNK", "abs_max", "count_true", "sigmoid_sums", "split_window", "true_positions"]
 
 # Entries per chunk: 256 KiB of float32 scores, with their float flags, stays in an L2 cache.
 CHUNK = 1 << 16
@@ -114,3 +115,19 @@ def sigmoid_sums(units: torch.Tensor, beta: float, shift: torch.Tensor
         torch.dot(m, m, out=sums[1, k])
     totals = sums.sum(1, dtype=torch.float64)
     return totals[:1], totals[1:]
+
+
+def abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|x|, max |x|)``: the absolute values, flat, and their largest (0-dim; NaN when one is
+    NaN), a chunk at a time on a CPU (the maximum of a chunk read in the cache)."""
+    flat = x.reshape(-1)
+    if not _chunked(flat):
+        a = flat.abs()
+        return a, a.amax()
+    out = torch.empty_like(flat)
+    chunks = -(-flat.numel() // CHUNK)
+    maxima = torch.empty(chunks, dtype=flat.dtype)
+    for k in range(chunks):
+        a = torch.abs(flat[k * CHUNK:(k + 1) * CHUNK], out=out[k * CHUNK:(k + 1) * CHUNK])
+        torch.amax(a, 0, out=maxima[k])
+    return out, maxima.amax()

@@ -37,6 +37,7 @@ __all__ = [
     "safeguarded_newton",
     "soft_backward",
     "solve_soft",
+    "unit_maxima",
 ]
 
 Cost = float | torch.Tensor
@@ -65,6 +66,8 @@ class Piece:
             tensor on the units' device; segment ``segment + k`` for the ``k``-th): tensors of
             different sizes with budgets of their own in one buffer. Only :func:`solve_soft`
             takes such pieces, with ``unit_max`` and ``tau_init`` given.
+        unit_max: the largest unit value of a one-segment piece (0-dim), when its maker knows it
+            (computed with the units: ``_chunks.abs_max``); else None.
     """
 
     units: torch.Tensor
@@ -73,6 +76,7 @@ class Piece:
     segment: int
     rowwise: bool = False
     lengths: torch.Tensor | None = None
+    unit_max: torch.Tensor | None = None
 
     @property
     def segments(self) -> int:
@@ -468,3 +472,10 @@ def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> to
         keep_sorted = (c_sorted.cumsum(-1) - 0.5 * c_sorted) <= b
     out = torch.zeros(units.shape, dtype=torch.bool, device=units.device)
     return out.scatter_(-1, order, keep_sorted)
+
+
+def unit_maxima(pieces: Sequence[Piece]) -> torch.Tensor:
+    """The largest unit value of every one-segment piece, float64 ``(len(pieces),)`` (NaN when
+    a piece holds one): known ones as they are, the others by one ``amax`` each."""
+    return torch.stack([p.unit_max if p.unit_max is not None else p.units.amax()
+                        for p in pieces]).double()

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import torch
 
 from torchspartan._blocks import BlockedViews, from_rows, to_rows
-from torchspartan._engine import TOLERANCE, Piece, SoftSolution, hard_select, solve_soft
+from torchspartan._chunks import abs_max
+from torchspartan._engine import (
+    TOLERANCE,
+    Piece,
+    SoftSolution,
+    hard_select,
+    solve_soft,
+    unit_maxima,
+)
 from torchspartan._kernels import Scope
 from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
@@ -162,9 +170,22 @@ class AllocationSolver:
                 keys.append(key)
         pieces = []
         for run, (cost, scale, _) in zip(runs, keys, strict=True):
-            flat = self.packed_units(run)
-            pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0))
+            flat, top = self.units_and_max(run)
+            pieces.append(Piece(flat.reshape(1, -1), beta * scale, cost, 0, unit_max=top))
         return pieces, runs
+
+    @torch.no_grad()
+    def units_and_max(self, run: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`packed_units` of the masks ``run`` and, for one unstructured float32/float64
+        tensor, its largest unit value, read with the units (``_chunks.abs_max``)."""
+        r = self.refs[run[0]]
+        if len(run) > 1 or r.mask.block is not None or r.theta.dtype not in (torch.float32,
+                                                                             torch.float64):
+            return self.packed_units(run), None
+        units, top = abs_max(r.theta)
+        cost = self.unit_costs[run[0]]
+        # a division by a positive number keeps the order: the largest quotient is max / cost
+        return (units, top) if cost == 1.0 else (units.div_(cost), top.div_(cost))
 
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
                    ) -> tuple[int, float]:
@@ -178,7 +199,7 @@ class AllocationSolver:
         each = self.pieces_each(idx, budgets, beta)
         if not each.ids:
             return each
-        each.umax = torch.stack([p.units.amax() for p in each.pieces]).double()
+        each.umax = unit_maxima(each.pieces)
         if not bool(torch.isfinite(each.umax).all()):
             Pending(self, tuple(each.ids), 0, {}, pieces=each.pieces,
                     runs=[[i] for i in each.ids]).raise_non_finite()
@@ -199,9 +220,10 @@ class AllocationSolver:
                 each.ids.append(i)
                 each.budgets.append(b)
         each.refs = [self.refs[i] for i in each.ids]
-        each.pieces = [Piece(self.units(i).reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
-                             self.unit_costs[i] * r.mask.block_numel, k)
-                       for k, (i, r) in enumerate(zip(each.ids, each.refs, strict=True))]
+        for k, (i, r) in enumerate(zip(each.ids, each.refs, strict=True)):
+            units, top = self.units_and_max([i])
+            each.pieces.append(Piece(units.reshape(1, -1), beta * math.sqrt(r.mask.block_numel),
+                                     self.unit_costs[i] * r.mask.block_numel, k, unit_max=top))
         return each
 
     def write_each(self, each: Each, beta: float) -> tuple[int, float]:
@@ -278,7 +300,7 @@ class AllocationSolver:
             return Pending(self, idx, step, {i: torch.full_like(m.hard_mask, budget > 0)
                                              for i, m in zip(idx, masks, strict=True)})
         pieces, runs = self.pieces(idx, beta)
-        umax = torch.stack([p.units.amax() for p in pieces]).double()
+        umax = unit_maxima(pieces)
         on_device = (soft and self.on_device and len(pieces) == 1
                      and pieces[0].units.dtype == torch.float32)
         pending = Pending(self, idx, step, {}, pieces=pieces, runs=runs, budget=budget,

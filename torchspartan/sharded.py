@@ -115,6 +115,11 @@ class ShardedSolver(AllocationSolver):
         cost = self.unit_costs[i] * r.mask.block_numel
         return v.reshape(-1) if cost == 1.0 else v.reshape(-1).div_(cost)
 
+    def units_and_max(self, run: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The local unit values of one mask (its maximum over all ranks comes from
+        :meth:`global_max`)."""
+        return self.units(run[0]), None
+
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
         """One piece per tensor (the same pieces on every rank, empty where a rank holds none)."""
         pieces = []
