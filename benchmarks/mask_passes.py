@@ -126,16 +126,21 @@ def render(res: dict[str, Any]) -> str:
         "mid-anneal (hard masks change every step). Masked forward+backward: every masked "
         "weight through its parametrization and a random gradient back into it, minus the same "
         "for plain weights. CPU time of the process (`time.process_time`), medians.",
+        f"- Schedules shifted to start at step {res['args']['start_step']} of 1000; the density "
+        "and beta of the last measured update, and its Newton evaluations, are in the table.",
         "",
-        "| model | masked weights | mask-update path | one pass | mask update | in passes | "
-        "masked fwd+bwd | in passes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | masked weights | mask-update path | density, beta (Newton evaluations) | "
+        "one pass | mask update | in passes | masked fwd+bwd | in passes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         path = "sync-free (packed; CUDA default)" if r["sync_free"] else "CPU default"
+        rec = r.get("record") or {}
+        at = (f"{rec['density']:.3f}, {rec['beta']:.3g} ({rec['iterations']})" if rec
+              else "-")
         lines.append(
             f"| {r['label']} | {r['masked_weights'] / 1e6:.1f}M in {r['masked_tensors']} | "
-            f"{path} | {r['pass_s'] * 1e3:.1f} ms | {r['mask_update_s'] * 1e3:.0f} ms | "
+            f"{path} | {at} | {r['pass_s'] * 1e3:.1f} ms | {r['mask_update_s'] * 1e3:.0f} ms | "
             f"**{r['mask_update_passes']:.1f}** | {r['masked_fwd_bwd_s'] * 1e3:.0f} ms | "
             f"{r['masked_fwd_bwd_passes']:.1f} |")
     lines.append("")
