@@ -345,14 +345,7 @@ def test_held_route_gives_the_bounded_solution() -> None:
     with one read (torchspartan.held) and writes what the bounded solve writes."""
     from torchspartan.held import HeldUpdate
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-    with torch.no_grad():
-        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
-        model[6].weight.mul_(3e-2)
-    ts.sparsify(model)
-    twin = copy.deepcopy(model)
+    model, twin = floored_twins()
     sync, free = ts.MaskUpdater(model), ts.MaskUpdater(twin)
     free.solver.sync_free = True  # the CUDA default, forced on the CPU
     taken = []
@@ -485,14 +478,7 @@ def test_bounded_solve_from_the_last_held_set_writes_what_the_rounds_from_none_w
     that stop breaking their floor are released."""
     import torchspartan.bounded as bounded
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-    with torch.no_grad():
-        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
-        model[6].weight.mul_(3e-2)
-    ts.sparsify(model)
-    twin = copy.deepcopy(model)
+    model, twin = floored_twins()
     warm, cold = ts.MaskUpdater(model), ts.MaskUpdater(twin)
     gen = torch.Generator().manual_seed(1)
     held_sets: list[list[int]] = []
@@ -566,3 +552,15 @@ def test_nm_rows_of_all_tensors_are_one_problem_with_the_masks_of_one_problem_ea
 def to_groups(mask: torch.Tensor) -> torch.Tensor:
     """The N:M groups of a mask: 4 consecutive entries along dim 1."""
     return mask.movedim(1, -1).reshape(-1, 4)
+
+
+def floored_twins() -> tuple[nn.Module, nn.Module]:
+    """A sparsified MLP whose default floors bind under a global budget, and a copy of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
+        model[6].weight.mul_(3e-2)
+    ts.sparsify(model)
+    return model, copy.deepcopy(model)

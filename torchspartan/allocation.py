@@ -379,6 +379,12 @@ class AllocationSolver:
         if math.isfinite(threshold):
             self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
 
+    def keep_whole(self, idx: Sequence[int]) -> None:
+        """Every entry of the masks ``idx`` kept (their thresholds as they are)."""
+        for i in idx:
+            m = self.refs[i].mask
+            m.update(torch.ones_like(m.hard_mask), threshold=m.threshold)
+
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
                    ) -> tuple[int, float]:
         """N:M: every row of ``group`` entries along dim 1 of the masks ``idx`` keeps
@@ -386,9 +392,7 @@ class AllocationSolver:
         selection and one Newton solve, not one per tensor."""
         budget = density * group
         if budget >= group * (1 - 1e-12):
-            for i in idx:
-                m = self.refs[i].mask
-                m.update(torch.ones_like(m.hard_mask), threshold=m.threshold)
+            self.keep_whole(idx)
             return 0, 0.0
         by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
         for i in sorted(idx, key=lambda i: self.refs[i].mask.method != "spartan"):

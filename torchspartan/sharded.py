@@ -223,9 +223,7 @@ class ShardedSolver(AllocationSolver):
         iterations, error = 0, 0.0
         budget = density * group
         if budget >= group * (1 - 1e-12):
-            for i in idx:
-                m = self.refs[i].mask
-                m.update(torch.ones_like(m.hard_mask), threshold=m.threshold)
+            self.keep_whole(idx)
             return 0, 0.0
         hards, taus, tau_parts = [], [], []
         for i in idx:
