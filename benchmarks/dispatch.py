@@ -91,6 +91,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -411,14 +412,20 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
     torch.manual_seed(0)
     model = build_model(name).to(device).train()
     names: list[str] = []
-    if label == "spartan":
+    nm = args.policy == "nm24"
+    if label == "spartan" and nm:  # 2:4 groups along dim 1: layers whose inputs 4 divides
+        names = ts.sparsify(model, exclude=[f"^{re.escape(n)}$" for n, m in model.named_modules()
+                                            if isinstance(m, (nn.Conv2d, nn.Linear))
+                                            and m.weight.shape[1] % 4], min_density=0.0)
+    elif label == "spartan":
         names = sparsify_model(model, spec, args.min_density)
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     opt: torch.optim.Optimizer = base
     if label == "spartan":
-        policy = {"global": ts.Global(), "erk": ts.ERK(), "uniform": ts.Uniform()}[args.policy]
-        opt = make_dual(model, base, spec.sparsity, spec.beta_target, args.total_steps,
-                        args.start_step, policy)
+        policy = {"global": ts.Global(), "erk": ts.ERK(), "uniform": ts.Uniform(),
+                  "nm24": ts.NM(2, 4)}[args.policy]
+        opt = make_dual(model, base, 0.5 if nm else spec.sparsity, spec.beta_target,
+                        args.total_steps, args.start_step, policy)
         if args.sync_free:  # the mask update's CUDA path, counted here on the CPU
             opt.updater.solver.sync_free = True  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(1)
@@ -603,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-free", action="store_true",
                     help="count the mask update's sync-free path (the CUDA default) on the CPU")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--policy", default="global", choices=["global", "erk", "uniform"],
+    ap.add_argument("--policy", default="global", choices=["global", "erk", "uniform", "nm24"],
                     help="the allocation policy of the Spartan runs (default: ts.Global())")
     ap.add_argument("--min-density", type=float, default=None,
                     help="min_density of every mask (default: the library's default floors)")
