@@ -483,16 +483,14 @@ def test_bounded_solve_from_the_last_held_set_writes_what_the_rounds_from_none_w
     gen = torch.Generator().manual_seed(1)
     held_sets: list[list[int]] = []
     tried: list[str] = []
-    rounds = bounded._rounds
+    holds = bounded._holds
 
-    def counted(solver: object, idx: tuple, budget: float, beta: float, step: int,
-                start: list) -> object:
-        found = rounds(solver, idx, budget, beta, step, start)  # type: ignore[arg-type]
-        if start:
-            tried.append("kept" if found is not None else "dropped")
-        return found
+    def counted(*args: object) -> bool:  # asked only when last step's held set was tried
+        kept = holds(*args)  # type: ignore[arg-type]
+        tried.append("kept" if kept else "dropped")
+        return kept
 
-    monkeypatch.setattr(bounded, "_rounds", counted)
+    monkeypatch.setattr(bounded, "_holds", counted)
     schedule = [(0.1, 2.0), (0.09, 2.5), (0.08, 3.0), (0.08, 3.5), (0.07, 4.0), (0.3, 4.5),
                 (0.3, 5.0)]  # at 30% fewer floors bind
     for step, (density, beta) in enumerate(schedule):

@@ -116,13 +116,9 @@ class AllocationSolver:
         return out
 
     @torch.no_grad()
-    def units(self, i: int) -> torch.Tensor:
-        """``block_sum(|theta|) / entry cost`` of mask ``i``, flat, float32 (float64 stays)."""
-        return self.packed_units([i])
-
-    @torch.no_grad()
     def packed_units(self, run: Sequence[int]) -> torch.Tensor:
-        """:meth:`units` of masks with one entry cost, one after the other in one flat buffer:
+        """``block_sum(|theta|) / entry cost`` (float32; float64 stays) of masks with one entry
+        cost, one after the other in one flat buffer:
         one multi-tensor ``abs``, a view per tensor, one copy, one division (no copy for one
         tensor)."""
         refs = [self.refs[i] for i in run]
@@ -185,7 +181,7 @@ class AllocationSolver:
         units, top = abs_max(r.theta)
         cost = self.unit_costs[run[0]]
         # a division by a positive number keeps the order: the largest quotient is max / cost
-        return (units, top) if cost == 1.0 else (units.div_(cost), top.div_(cost))
+        return self.per_cost(run, units), top if cost == 1.0 else top.div_(cost)
 
     def solve_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float
                    ) -> tuple[int, float]:

@@ -22,7 +22,6 @@ import math
 import torch
 
 from torchspartan._chunks import count_true
-from torchspartan._engine import Piece
 from torchspartan.allocation import AllocationSolver, Each, Pending
 
 __all__ = ["solve_bounded"]
@@ -36,31 +35,29 @@ def solve_bounded(solver: AllocationSolver, idx: tuple[int, ...], density: float
     their density bounds at them; writes the masks. Returns the Newton evaluations and the
     relative budget error."""
     budget = density * sum(solver.cost(i) for i in idx)
-    last = solver.held.pop(idx, None)
-    found = _rounds(solver, idx, budget, beta, step, last) if last else None
-    if found is None:
-        found = _rounds(solver, idx, budget, beta, step, [])
-    if found is None:  # pragma: no cover - the rounds from no tensor held always end
-        raise RuntimeError("the bounded solve found no held set")
-    pending, held, selections = found
+    shared = len(idx) > 1
+    last = solver.held.pop(idx, [])
+    pending, held = _rounds(solver, idx, budget, beta, step, last)
+    each = _select_held(solver, idx, held, beta)
+    if last and not _holds(solver, held, each, pending, shared):
+        pending, held = _rounds(solver, idx, budget, beta, step, [])
+        each = _select_held(solver, idx, held, beta)
     solver.solve_pending(pending)
     iterations, error = pending.commit(
         torch.stack(pending.scalars).tolist() if pending.scalars else [])
-    if selections:  # one solve for all held tensors, in the budget's order whatever the route
-        its, err = solver.write_each(_merged(selections, idx), beta)
+    if each is not None:
+        its, err = solver.write_each(each, beta)
         iterations += its
         error = max(error, err)
-    shared = len(idx) > 1
     if held and all(bound == solver.min_density(i, shared) for i, bound in held):
         solver.held[idx] = held  # all at their lower bounds: tried first next time
     return iterations, error
 
 
 def _rounds(solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta: float,
-            step: int, start: Held) -> tuple[Pending, Held, list[Each]] | None:
-    """The held set, starting from ``start``: the free tensors' prepared hard masks (no soft
-    threshold yet), the held tensors with their bounds, and their selections. None when a
-    ``start`` set turns out not to be the bounded solution."""
+            step: int, start: Held) -> tuple[Pending, Held]:
+    """The held set, starting from ``start`` (its tensors with their bounds), and the free
+    tensors' prepared hard masks (no soft threshold yet)."""
     shared = len(idx) > 1
 
     def low(i: int) -> float:
@@ -70,9 +67,6 @@ def _rounds(solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta:
     taken = {i for i, _ in held}
     free = [i for i in idx if i not in taken]
     budget = max(budget - sum(bound * solver.cost(i) for i, bound in held), 0.0)
-    selections = [solver.select_each([i for i, _ in held],
-                                     [bound * solver.cost(i) for i, bound in held], beta)
-                  ] if held else []
     for _ in range(len(idx) + 1):
         b = budget
         if len(free) == 1:
@@ -94,52 +88,33 @@ def _rounds(solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta:
                 violators.append((i, m.max_density))
         if not violators:
             break
-        selections.append(solver.select_each([i for i, _ in violators],
-                                             [bound * solver.cost(i) for i, bound in violators],
-                                             beta))
         for i, bound in violators:
             budget -= bound * solver.cost(i)
             free.remove(i)
         budget = max(budget, 0.0)
         held += violators
-    if start and not _holds(solver, held, selections, pending, shared):
+    return pending, held
+
+
+def _select_held(solver: AllocationSolver, idx: tuple[int, ...], held: Held, beta: float
+                 ) -> Each | None:
+    """The held tensors' hard masks at their bounds, selected together in the order of ``idx``
+    (so that their thresholds are solved the same way whichever route found them)."""
+    if not held:
         return None
-    return pending, held, selections
+    position = {i: k for k, i in enumerate(idx)}
+    ordered = sorted(held, key=lambda h: position[h[0]])
+    return solver.select_each([i for i, _ in ordered],
+                              [bound * solver.cost(i) for i, bound in ordered], beta)
 
 
-def _holds(solver: AllocationSolver, held: Held, selections: list[Each], pending: Pending,
+def _holds(solver: AllocationSolver, held: Held, each: Each | None, pending: Pending,
            shared: bool) -> bool:
     """Whether every held tensor is at its lower bound with its own hard threshold strictly
     below the free tensors' (freed, it would keep fewer entries than its bound)."""
-    if any(bound != solver.min_density(i, shared) for i, bound in held):
+    if each is None or any(bound != solver.min_density(i, shared) for i, bound in held):
         return False
     t = pending.threshold
     if t is None:  # the free tensors keep all (nothing is below) or nothing
         t = -math.inf if any(bool(h.any()) for h in pending.hard_of.values()) else math.inf
-    own = {i: h for each in selections for i, h in zip(each.ids, each.thresholds, strict=True)}
-    filled = {i for each in selections for i, _ in each.fills}
-    return all(i not in filled and own[i] < t for i, _ in held)
-
-
-def _merged(selections: list[Each], idx: tuple[int, ...]) -> Each:
-    """The selections of the held tensors as one, in the order of ``idx`` (piece ``k`` in
-    segment ``k``), so that their thresholds are solved together the same way however many
-    rounds found them."""
-    position = {i: k for k, i in enumerate(idx)}
-    rows = sorted(((i, each, k) for each in selections for k, i in enumerate(each.ids)),
-                  key=lambda row: position[row[0]])
-    out = Each(fills=sorted((f for each in selections for f in each.fills),
-                            key=lambda f: position[f[0]]))
-    umax = []
-    for j, (i, each, k) in enumerate(rows):
-        p = each.pieces[k]
-        out.ids.append(i)
-        out.budgets.append(each.budgets[k])
-        out.refs.append(each.refs[k])
-        out.pieces.append(Piece(p.units, p.beta, p.cost, j))
-        out.grids.append(each.grids[k])
-        out.thresholds.append(each.thresholds[k])
-        if each.umax is not None:
-            umax.append(each.umax[k])
-    out.umax = torch.stack(umax) if umax else None
-    return out
+    return not each.fills and all(h < t for h in each.thresholds)

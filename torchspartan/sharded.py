@@ -101,31 +101,23 @@ class ShardedSolver(AllocationSolver):
         with torch.no_grad():
             return local_tensor(self.refs[i].theta.detach())
 
-    def units(self, i: int) -> torch.Tensor:
-        """Unit values of the local rows of mask ``i``, flat (empty when it holds none)."""
-        r = self.refs[i]
+    def units_and_max(self, run: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unit values of the local rows of one mask, flat (empty when it holds none); their
+        maximum over all ranks comes from :meth:`global_max`."""
+        i = run[0]
         local = self.local_theta(i)
-        sizes = r.mask.spec().sizes
         if local.shape[0] == 0:
             dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
-            return torch.empty(0, dtype=dtype, device=local.device)
-        v = block_reduce(local.abs(), sizes)
-        if v.dtype not in (torch.float32, torch.float64):
-            v = v.float()
-        cost = self.unit_costs[i] * r.mask.block_numel
-        return v.reshape(-1) if cost == 1.0 else v.reshape(-1).div_(cost)
-
-    def units_and_max(self, run: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The local unit values of one mask (its maximum over all ranks comes from
-        :meth:`global_max`)."""
-        return self.units(run[0]), None
+            return torch.empty(0, dtype=dtype, device=local.device), None
+        v = block_reduce(local.abs(), self.refs[i].mask.spec().sizes)
+        return self.per_cost(run, v.reshape(-1)), None
 
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:
         """One piece per tensor (the same pieces on every rank, empty where a rank holds none)."""
         pieces = []
         for i in idx:
             bn = self.refs[i].mask.block_numel
-            pieces.append(Piece(self.units(i).reshape(1, -1), beta * math.sqrt(bn),
+            pieces.append(Piece(self.units_and_max([i])[0].reshape(1, -1), beta * math.sqrt(bn),
                                 self.unit_costs[i] * bn, 0))
         return pieces, [[i] for i in idx]
 
