@@ -272,8 +272,8 @@ class MaskUpdater:
                     alloc_density: float
                     ) -> tuple[StepRecord, dict[int, tuple[float, float]]] | None:
         """One shared budget: the step's record and the ``(threshold, beta)`` the held route
-        read of its held masks (for ``attach``), or None when a default floor binds (nothing
-        written: the bounded solve takes over)."""
+        read of its held masks (for ``attach``), or None when a default floor binds or bound at
+        the last update off the held route (nothing written: the bounded solve takes over)."""
         idx = tuple(self.alloc_index[j] for j in alloc.tensors)
         budget = alloc.density * sum(self.solver.cost(i) for i in idx)
         floors = self.floors.bind(alloc)
