@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -23,13 +24,15 @@ def cpu_name() -> str:
 
 
 def git_describe() -> str:
-    """The commit the library was at, with ``-dirty`` when the working tree differs."""
+    """The commit the library was at, with ``-dirty`` when the working tree differs; in a copy
+    without git history, ``$GIT_COMMIT`` (as a CI sets it) or "unknown"."""
+    fallback = os.environ.get("GIT_COMMIT", "unknown")
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                               text=True, check=False, cwd=Path(__file__).parent,
-                              timeout=10).stdout.strip() or "unknown"
+                              timeout=10).stdout.strip() or fallback
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def sync(device: torch.device) -> None:

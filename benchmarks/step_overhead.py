@@ -83,7 +83,18 @@ def bench_step(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any
                 f"mask update {spartan.times['mask_update'][-1]:.3f}s")
         else:
             log(f"  warm-up {i} done")
+    pipelined: dict[str, list[float]] = {"dense": [], "spartan": []}
+    for i in range(args.pipelined_rounds):
+        for r in (dense, spartan):
+            pipelined[r.label].append(r.pipelined(args.pipelined_steps))
+        d, s = pipelined["dense"][-1], pipelined["spartan"][-1]
+        log(f"  pipelined round {i}: dense {d:.4f}s spartan {s:.4f}s per step ({s / d:.3f}x)")
     out = dict(info)
+    if pipelined["dense"]:
+        out["pipelined"] = {k: statistics.median(v) for k, v in pipelined.items()}
+        out["pipelined_samples"] = pipelined
+        out["pipelined_ratio"] = out["pipelined"]["spartan"] / out["pipelined"]["dense"]
+        records.append(record_of(spartan.opt))
     out["dense"] = dense.medians()
     out["spartan"] = spartan.medians()
     out["dense_samples"] = dense.times["total"]
@@ -360,6 +371,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--start-step", type=int, default=100)
+    p.add_argument("--pipelined-rounds", type=int, default=None,
+                   help="rounds of back-to-back steps after the timing by phase (default: 5 on "
+                        "CUDA, 0 on CPU, where waiting between phases costs nothing)")
+    p.add_argument("--pipelined-steps", type=int, default=5, help="steps per pipelined round")
     p.add_argument("--only", nargs="+",
                    choices=("steps", "memory", "scaling", "compile", "profile"),
                    default=("steps", "memory", "scaling"),
@@ -391,6 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scaling_sizes = args.scaling_sizes or [1, 3, 10, 30, 100]
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     args.repeats = (10 if cuda else 5) if args.repeats is None else args.repeats
+    if args.pipelined_rounds is None:
+        args.pipelined_rounds = 5 if cuda else 0
     args.compile_models = args.compile_models or args.models[:1]
     args.compile_batch = args.compile_batch or min(args.batch)
     return args

@@ -4,7 +4,9 @@ Same initial weights, same random batch, same base optimizer (SGD, momentum 0.9,
 1e-4); the Spartan copy's ``ts.DualAveraging`` has the default schedule shapes shifted to start
 mid-anneal (``start_step``), so the hard mask moves at every step. :class:`Runner` times one step
 by phase: forward (with the loss), backward, the base optimizer's own step (timed by its step
-hooks) and the mask update (the rest of ``DualAveraging.step()``).
+hooks) and the mask update (the rest of ``DualAveraging.step()``). Timing by phase waits for the
+device between phases; :meth:`Runner.pipelined` times steps back to back with one wait at the end,
+as a training loop runs them on a GPU (the host queues work ahead of the device).
 """
 
 from __future__ import annotations
@@ -122,15 +124,18 @@ class Runner:
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in (*PHASES,
                                                                                   "total")})
     _marks: dict[str, float] = field(default_factory=dict)
+    _by_phase: bool = True  # the step hooks wait for the device (False while pipelined)
 
     def __post_init__(self) -> None:
         def pre(*_: Any) -> None:
-            sync(self.device)
-            self._marks["pre"] = time.perf_counter()
+            if self._by_phase:
+                sync(self.device)
+                self._marks["pre"] = time.perf_counter()
 
         def post(*_: Any) -> None:
-            sync(self.device)
-            self._marks["post"] = time.perf_counter()
+            if self._by_phase:
+                sync(self.device)
+                self._marks["post"] = time.perf_counter()
 
         self.base.register_step_pre_hook(pre)
         self.base.register_step_post_hook(post)
@@ -170,6 +175,30 @@ class Runner:
                             (t1 - t0, t2 - t1, optim, (t3 - t2) - optim, t3 - t0), strict=True):
                 self.times[k].append(v)
         return float(loss.detach())
+
+    def pipelined(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps run back to back: the device is waited for
+        once, at the end, and the loss is not read (only the library's own syncs remain)."""
+        fwd = self.forward if self.forward is not None else self.model
+        self._by_phase = False
+        try:
+            sync(self.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.opt.zero_grad(set_to_none=True)
+                with self.autocast():
+                    loss = self.loss_fn(fwd(self.x), self.y)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.opt.step()
+            sync(self.device)
+            return (time.perf_counter() - t0) / steps
+        finally:
+            self._by_phase = True
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.times.items() if v}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import batches, convnet, train
@@ -64,3 +66,62 @@ def test_amp_autocast_trains(dtype: torch.dtype) -> None:
         scaler.update()
         assert torch.isfinite(loss)
     assert opt.last_record is not None and opt.last_record.density == pytest.approx(0.1, abs=0.01)
+
+
+def test_device_selection_on_cuda_is_the_host_selection() -> None:
+    """The sync-free selection (sample, key histogram, ties by position) run by CUDA kernels
+    keeps what the host selection keeps, past the sample size (the histogram route)."""
+    from torchspartan._select import select_on_device, select_top_budget
+
+    for n, count, ties in [(3_000_000, 1_470_000, False), (3_000_000, 150_000, False),
+                           (300_000, 123_457, True), (5000, 7, False)]:
+        u = torch.randn(n, generator=torch.Generator().manual_seed(n + count)).abs()
+        if ties:
+            u = (u * 4).round()
+        mask, threshold, ok = select_on_device(u.cuda(), count)
+        exact, t = select_top_budget([u], [1.0], float(count))
+        assert bool(ok), (n, count)
+        assert torch.equal(mask.cpu(), exact[0]) and float(threshold) == t, (n, count)
+
+
+def _floored_mlp() -> nn.Module:
+    """An MLP whose default floors bind under a global budget (the held route)."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)
+        model[6].weight.mul_(3e-2)
+    return model
+
+
+@pytest.mark.parametrize("case", ["global", "erk", "uniform", "blocks", "floors", "nm24"])
+def test_sync_free_updates_on_cuda_write_the_cpu_masks(case: str) -> None:
+    """Float32 masks on CUDA take the sync-free path by default; its masks are the CPU path's
+    (hard masks equal, soft thresholds within the Newton tolerance)."""
+    torch.manual_seed(3)
+    if case == "floors":
+        model = _floored_mlp()
+    else:
+        model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                              nn.Linear(256, 16))
+    ts.sparsify(model, block=(4, 4) if case == "blocks" else None)
+    twin = copy.deepcopy(model).cuda()
+    policy = {"erk": ts.ERK, "uniform": ts.Uniform, "nm24": lambda: ts.NM(2, 4)}.get(
+        case, ts.Global)
+    cpu, gpu = ts.MaskUpdater(model, policy()), ts.MaskUpdater(twin, policy())
+    assert gpu.solver.on_device and not cpu.solver.on_device
+    gen = torch.Generator().manual_seed(1)
+    schedule = [(0.5, 2.0), (0.3, 3.0), (0.1, 4.0), (0.09, 4.5), (0.08, 5.0)]
+    if case == "nm24":  # N:M anneals from dense to n/m
+        schedule = [(0.9, 2.0), (0.75, 3.0), (0.6, 4.0), (0.5, 4.5), (0.5, 5.0)]
+    for step, (density, beta) in enumerate(schedule):
+        with torch.no_grad():  # the weights move between updates, identically on both
+            for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+                a.theta.add_(1e-3 * torch.randn(a.theta.shape, generator=gen))
+                b.theta.copy_(a.theta)
+        ra, rb = cpu.update(density, beta, step), gpu.update(density, beta, step)
+        assert ra.density == pytest.approx(rb.density, abs=1e-12)
+        for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
+            assert torch.equal(a.mask.hard_mask, b.mask.hard_mask.cpu()), (case, step, a.name)
+            torch.testing.assert_close(b.mask.threshold.cpu(), a.mask.threshold, rtol=1e-4,
+                                       atol=1e-7)
