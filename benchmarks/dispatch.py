@@ -125,6 +125,7 @@ _DATA_DEPENDENT = {
     _ATEN.unique_dim_consecutive.default, _ATEN.bincount.default, _ATEN.equal.default,
 }
 _REPEAT_INTERLEAVE = {_ATEN.repeat_interleave.Tensor, _ATEN.repeat_interleave.self_Tensor}
+_MOVES = {_ATEN.copy_.default, _ATEN.copy.default, _ATEN._to_copy.default}
 _BOOL_INDEXED = {
     _ATEN.index.Tensor: 1, _ATEN.index_put.default: 1, _ATEN.index_put_.default: 1,
     _ATEN._index_put_impl_.default: 1,
@@ -135,8 +136,9 @@ _FACTORIES = ("tensor", "as_tensor", "asarray", "scalar_tensor", "zeros", "ones"
 
 
 # -- the counter --------------------------------------------------------------------------
-def _call_site() -> str:
-    """``torchspartan/<file>:<function>`` of the innermost library frame on the stack."""
+def _call_site(line: bool = False) -> str:
+    """``torchspartan/<file>:<function>`` of the innermost library frame on the stack (with
+    ``:<line>`` when ``line``)."""
     f = sys._getframe(2)
     first_outside: str | None = None
     while f is not None:
@@ -146,7 +148,8 @@ def _call_site() -> str:
             if name.startswith("<") and f.f_back is not None \
                     and f.f_back.f_code.co_filename == f.f_code.co_filename:
                 name = f"{f.f_back.f_code.co_name}.{name}"  # a comprehension: say where
-            return f"torchspartan/{path.relative_to(_LIB_DIR).as_posix()}:{name}"
+            where = f"torchspartan/{path.relative_to(_LIB_DIR).as_posix()}:{name}"
+            return f"{where}:{f.f_lineno}" if line else where
         if first_outside is None and f.f_code.co_filename == _THIS_FILE:
             first_outside = f"benchmark:{f.f_code.co_name}"
         f = f.f_back
@@ -185,6 +188,9 @@ class StepCounter(TorchDispatchMode):
         self.syncs: dict[str, Counter[str]] = {p: Counter() for p in PHASES}  # kind @ site
         self.other_ops: dict[str, Counter[str]] = {p: Counter() for p in PHASES}  # not aten
         self.host_reads: Counter[str] = Counter()  # reads of host-side tensors, not syncs
+        # ops that mix device-side tensors with host-side ones of one or more dimensions: an
+        # accelerator refuses them ("Expected all tensors to be on the same device")
+        self.mixed: Counter[str] = Counter()
         self._host: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._paused = 0
         self._patches: contextlib.ExitStack | None = None
@@ -242,6 +248,9 @@ class StepCounter(TorchDispatchMode):
             self.ops[self.phase][str(func)] += 1
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         device_inputs = [t for t in inputs if not self.is_host(t)]
+        if (self.emulate and device_inputs and func not in _MOVES
+                and any(t.dim() > 0 and self.is_host(t) for t in inputs)):
+            self.mixed[f"{func} @ {_call_site(line=True)}"] += 1
         if func is _ATEN._local_scalar_dense.default:
             if device_inputs:
                 self._sync("aten._local_scalar_dense")
@@ -325,6 +334,25 @@ class StepCounter(TorchDispatchMode):
                 return wrapper
             return make
 
+        def to_device(make_host: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            def make(orig: Any) -> Any:
+                to = make_host(orig)
+
+                def wrapper(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+                    # .to(a torch.device), e.g. .to(weight.device): a move to the device
+                    target = k.get("device", a[0] if a else None)
+                    if counter._paused or not isinstance(target, torch.device) \
+                            or not counter.is_host(self):
+                        return to(self, *a, **k)
+                    out = orig(self, *a, **k)
+                    if out is self:
+                        with counter.paused():
+                            out = self.clone()
+                    counter._host.pop(out, None)
+                    return out
+                return wrapper
+            return make
+
         def factory(orig: Any) -> Any:
             def wrapper(*a: Any, **k: Any) -> Any:
                 out = orig(*a, **k)
@@ -338,10 +366,10 @@ class StepCounter(TorchDispatchMode):
         patch(torch.Tensor, "tolist", read("Tensor.tolist"))
         patch(torch.Tensor, "numpy", read("Tensor.numpy"))
         patch(torch.Tensor, "cpu", to_host("Tensor.cpu", lambda a, k: True))
-        patch(torch.Tensor, "to", to_host(
+        patch(torch.Tensor, "to", to_device(to_host(
             'Tensor.to("cpu")',
             lambda a, k: (bool(a) and isinstance(a[0], str) and a[0] == "cpu")
-            or k.get("device") == "cpu"))
+            or k.get("device") == "cpu")))
         for name in _FACTORIES:
             if hasattr(torch, name):
                 patch(torch, name, factory)
@@ -401,6 +429,7 @@ def counts_of(counter: StepCounter) -> dict[str, Any]:
         "ops_by_name": {p: dict(c.most_common()) for p, c in counter.ops.items()},
         "syncs_by_site": {p: dict(c.most_common()) for p, c in counter.syncs.items()},
         "host_reads": dict(counter.host_reads.most_common()),
+        "mixed": dict(counter.mixed.most_common()),
         "non_aten_ops": {p: dict(c.most_common()) for p, c in counter.other_ops.items() if c},
     }
 

@@ -99,3 +99,48 @@ def test_sync_free_steps_make_at_most_two_host_syncs(bench, policy):
     assert counter.total_syncs() <= 2, dict(counter.syncs["mask_update"])
     if policy is not ts.Global:  # one batched node computes every masked weight
         assert len(opt.updater.couplings) == 1
+
+
+def test_mix_detector(bench):
+    """An op of device tensors and a host tensor of one or more dimensions is what CUDA
+    refuses; a host scalar (0-dim) and a tensor moved with ``.to(device)`` are allowed."""
+    w = nn.Linear(4, 4).weight
+    counter = bench.StepCounter("cpu")
+    with counter:
+        w.detach() + torch.zeros(4)  # host (4,) into a device op: refused on CUDA
+        w.detach() * torch.tensor(2.0)  # a host scalar: allowed
+        w.detach() + torch.zeros(4).to(w.device)  # moved to the device first: allowed
+    assert len(counter.mixed) == 1, dict(counter.mixed)
+    assert next(iter(counter.mixed)).startswith("aten.add.Tensor @ ")
+
+
+@pytest.mark.parametrize("case", ["global", "global-float64", "blocks", "erk", "uniform-float64",
+                                  "floors", "nm24"])
+def test_sync_free_steps_keep_every_tensor_on_the_device(bench, case):
+    """The masks made and trained on an emulated accelerator (``ts.sparsify`` and the optimizer
+    built inside the counter, so what they make on the host is known) never mix a host tensor
+    into a device op: on CUDA each such op is an error (CI has no GPU; this is its check)."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if case.endswith("float64") else torch.float32
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 16)).to(dtype)
+    if case == "floors":  # global magnitude would empty the last layers: the held route
+        with torch.no_grad():
+            model[2].weight.mul_(1e-2)
+            model[4].weight.mul_(3e-2)
+    policy = {"erk": ts.ERK, "uniform-float64": ts.Uniform,
+              "nm24": lambda: ts.NM(2, 4)}.get(case, ts.Global)()
+    counter = bench.StepCounter("cpu")
+    with counter:
+        ts.sparsify(model, block=(4, 4) if case == "blocks" else None)
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = ts.DualAveraging(base, model, sparsity=0.5 if case == "nm24" else 0.9,
+                               total_steps=8, policy=policy)
+        opt.updater.solver.sync_free = True  # the CUDA default
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):  # cold, annealing, warm, fine-tuning
+        x = torch.randn(16, 32, dtype=dtype, generator=gen)
+        y = torch.randint(0, 16, (16,), generator=gen)
+        bench.counted_step(model, opt, base, x, y, nn.CrossEntropyLoss(), counter)
+    assert opt.last_record is not None and opt.last_record.density < 1
+    assert dict(counter.mixed) == {}

@@ -110,8 +110,11 @@ class SpartanMask(nn.Module):
 
     # -- parametrization protocol -------------------------------------------------------
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        """Called once by ``register_parametrization``: checks the tensor, creates the buffers."""
+        """Called once by ``register_parametrization``: checks the tensor, creates the buffers
+        (all on the weight's device: a threshold on the host would cost a sync per update)."""
         self.check_tensor(weight)
+        for name in ("threshold", "beta", "cost", "frozen"):  # .to: itself where it is
+            setattr(self, name, getattr(self, name).to(weight.device))
         if self.hard_mask is None or self.hard_mask.shape != self.grid_shape(weight.shape):
             sizes = self._sizes_for(weight.shape)
             grid = tuple(n // s for n, s in zip(weight.shape, sizes, strict=True))
