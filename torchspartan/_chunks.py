@@ -84,9 +84,9 @@ def split_window(units: torch.Tensor, low: float, high: float
         above = torch.gt(units, high)
         return above, true_positions(torch.ge(units, low).logical_xor_(above))
     flat = units.reshape(-1)
-    above = torch.empty(flat.shape, dtype=torch.bool)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype)
-    inside = torch.empty(scratch.shape, dtype=torch.bool)
+    above = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype, device=flat.device)
+    inside = torch.empty(scratch.shape, dtype=torch.bool, device=flat.device)
     found = []
     for start in range(0, flat.numel(), CHUNK):
         u = flat[start:start + CHUNK]
@@ -107,8 +107,8 @@ def sigmoid_sums(units: torch.Tensor, beta: float, shift: torch.Tensor
         m = torch.add(shift, flat, alpha=beta).sigmoid_()
         return m.sum().double().reshape(1), torch.dot(m, m).double().reshape(1)
     chunks = -(-flat.numel() // CHUNK)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype)
-    sums = torch.empty(2, chunks, dtype=flat.dtype)
+    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype, device=flat.device)
+    sums = torch.empty(2, chunks, dtype=flat.dtype, device=flat.device)
     for k in range(chunks):
         u = flat[k * CHUNK:(k + 1) * CHUNK]
         m = torch.add(shift, u, alpha=beta, out=scratch[:u.numel()]).sigmoid_()
@@ -127,7 +127,7 @@ def abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a, a.amax()
     out = torch.empty_like(flat)
     chunks = -(-flat.numel() // CHUNK)
-    maxima = torch.empty(chunks, dtype=flat.dtype)
+    maxima = torch.empty(chunks, dtype=flat.dtype, device=flat.device)
     for k in range(chunks):
         a = torch.abs(flat[k * CHUNK:(k + 1) * CHUNK], out=out[k * CHUNK:(k + 1) * CHUNK])
         torch.amax(a, 0, out=maxima[k])
