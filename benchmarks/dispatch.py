@@ -51,11 +51,17 @@ state lived on an accelerator (CUDA semantics). A tensor is *device-side* unless
    ``Tensor.to("cpu")`` (the literal string) of a device-side tensor; none of them dispatches an
    op on a CPU tensor, so they are caught by wrapping those ``torch.Tensor`` methods during the
    counted step. ``.cpu()``/``.to("cpu")`` then return a fresh copy (as on an accelerator),
-   which is host-side. ``.to(device)`` with a ``torch.device`` is not counted: on CPU it cannot be
-   told from ``.to(other.device)``, which moves data to the device. Also ``aten.copy_`` from a
-   device-side tensor into a host-side one. On a real accelerator (``--device cuda``) the copies
-   are caught at dispatch instead: ``aten._to_copy`` to ``cpu`` and ``aten.copy_`` into a CPU
-   tensor from an accelerator tensor.
+   which is host-side. ``.to(device)`` with a ``torch.device`` is read as a move to the device
+   (item 4); its result is device-side. Also ``aten.copy_`` from a device-side tensor into a
+   host-side one. On a real accelerator (``--device cuda``) the copies are caught at dispatch
+   instead: ``aten._to_copy`` to ``cpu`` and ``aten.copy_`` into a CPU tensor from an
+   accelerator tensor.
+4. Host-to-device copies that wait: PyTorch copies from pageable host memory and then waits for
+   the stream unless ``non_blocking=True``, so ``torch.tensor(data, device=d)``,
+   ``t.new_tensor(data)`` of a device-side ``t`` and ``.to(device)`` of a host-side tensor are
+   each a sync (``.to(device, non_blocking=True)`` is not). On a real accelerator they are
+   caught at dispatch: ``aten._to_copy`` from a CPU tensor to the device without
+   ``non_blocking``.
 
 Host-side tensors (reading them is no sync, even on an accelerator): the results of a counted
 device-to-host copy (3.); tensors made by a factory (``torch.tensor``, ``as_tensor``, ``zeros``,
@@ -265,6 +271,10 @@ class StepCounter(TorchDispatchMode):
               and kwargs.get("device") is not None and torch.device(kwargs["device"]).type
               == "cpu"):
             self._sync("aten._to_copy device->host")
+        elif (not self.emulate and func is _ATEN._to_copy.default and not device_inputs
+              and kwargs.get("device") is not None and torch.device(kwargs["device"]).type
+              != "cpu" and not kwargs.get("non_blocking", False)):
+            self._sync("host->device copy (blocking)")
         if self.emulate and inputs and not device_inputs:
             self.mark_host(out)  # every tensor input host-side: so are the outputs
         return out
@@ -339,11 +349,14 @@ class StepCounter(TorchDispatchMode):
                 to = make_host(orig)
 
                 def wrapper(self: torch.Tensor, *a: Any, **k: Any) -> Any:
-                    # .to(a torch.device), e.g. .to(weight.device): a move to the device
+                    # .to(a torch.device), e.g. .to(weight.device): a move to the device, which
+                    # waits for the device unless non_blocking (from pageable memory too)
                     target = k.get("device", a[0] if a else None)
                     if counter._paused or not isinstance(target, torch.device) \
                             or not counter.is_host(self):
                         return to(self, *a, **k)
+                    if not k.get("non_blocking", False):
+                        counter._sync("host->device copy (blocking)")
                     out = orig(self, *a, **k)
                     if out is self:
                         with counter.paused():
@@ -354,12 +367,27 @@ class StepCounter(TorchDispatchMode):
             return make
 
         def factory(orig: Any) -> Any:
+            copies = orig in (torch.tensor, torch.as_tensor, torch.asarray)  # from host data
+
             def wrapper(*a: Any, **k: Any) -> Any:
                 out = orig(*a, **k)
                 device = k.get("device")
                 no_tensor = not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves((a, k)))
                 if no_tensor and (device is None or device == "cpu"):
                     counter.mark_host(out)
+                elif no_tensor and copies and not counter._paused:
+                    counter._sync("host->device copy (blocking)")  # torch.tensor(.., device=d)
+                return out
+            return wrapper
+
+        def new_tensor(orig: Any) -> Any:
+            def wrapper(self: torch.Tensor, data: Any, *a: Any, **k: Any) -> Any:
+                out = orig(self, data, *a, **k)
+                if not counter._paused and not isinstance(data, torch.Tensor):
+                    if counter.is_host(self):
+                        counter.mark_host(out)
+                    else:
+                        counter._sync("host->device copy (blocking)")
                 return out
             return wrapper
 
@@ -370,6 +398,7 @@ class StepCounter(TorchDispatchMode):
             'Tensor.to("cpu")',
             lambda a, k: (bool(a) and isinstance(a[0], str) and a[0] == "cpu")
             or k.get("device") == "cpu")))
+        patch(torch.Tensor, "new_tensor", new_tensor)
         for name in _FACTORIES:
             if hasattr(torch, name):
                 patch(torch, name, factory)

@@ -29,6 +29,8 @@ import torch
 from torchspartan._chunks import sigmoid_sums
 from torchspartan._select import select_flat
 
+from ._device import to_device
+
 __all__ = [
     "TOLERANCE",
     "Piece",
@@ -97,7 +99,7 @@ def _segment_index(pieces: Sequence[Piece], device: torch.device) -> torch.Tenso
         if p.many:
             parts.append(torch.arange(p.segment, p.segment + p.segments, device=device))
         else:
-            parts.append(torch.tensor([p.segment], device=device))
+            parts.append(to_device([p.segment], device))
     return torch.cat(parts)
 
 
@@ -462,7 +464,7 @@ def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> to
         return out
     cdt = torch.float64
     order = torch.sort(units, dim=-1, descending=True, stable=True).indices
-    b = torch.tensor(list(budgets), dtype=cdt, device=units.device).unsqueeze(-1)
+    b = to_device(list(budgets), units.device, cdt).unsqueeze(-1)
     if costs is None:
         position = torch.arange(1, d + 1, dtype=cdt, device=units.device) * unit_cost
         keep_sorted = (position - 0.5 * unit_cost) <= b

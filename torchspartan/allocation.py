@@ -32,6 +32,8 @@ from torchspartan.coupling import Batched, Coupling
 from torchspartan.mask import SpartanMask, update_masks
 from torchspartan.sparsify import MaskRef
 
+from ._device import to_device
+
 __all__ = ["AllocationSolver", "bind"]
 
 
@@ -100,8 +102,7 @@ class AllocationSolver:
         current state and bound to them."""
         masks = [self.refs[i].mask for i in idx]
         beta = float(masks[0].beta) / math.sqrt(masks[0].block_numel)
-        c = self.coupling(idx, torch.tensor(slope, dtype=torch.float64,
-                                            device=masks[0].threshold.device),
+        c = self.coupling(idx, to_device(slope, masks[0].threshold.device, torch.float64),
                           beta, float(masks[0].threshold))
         bind(c, masks)
         return c
@@ -245,8 +246,7 @@ class AllocationSolver:
             sub = [Piece(pieces[k].units, pieces[k].beta, pieces[k].cost, j)
                    for j, k in enumerate(soft)]
             solution = solve_soft(
-                sub, torch.tensor([each.budgets[k] for k in soft], dtype=torch.float64,
-                                  device=each.umax.device),
+                sub, to_device([each.budgets[k] for k in soft], each.umax.device, torch.float64),
                 unit_max=each.umax[soft], reduce=self.reduce,
                 tau_init=None if any(t is None for t in starts) else torch.cat(
                     [t for t in starts if t is not None]))
@@ -323,7 +323,7 @@ class AllocationSolver:
         masks = [self.refs[i].mask for i in idx]
         if not pieces or umax is None or not any(m.method == "spartan" for m in masks):
             return
-        budgets = torch.tensor([pending.budget], dtype=torch.float64, device=umax.device)
+        budgets = to_device([pending.budget], umax.device, torch.float64)
         tau_init = self.warm_start(idx, masks, beta, pending.hard_threshold)
         sync_free = self.on_device
         if sync_free and extra is not None and tau_init is not None:
@@ -536,7 +536,7 @@ class Pending:
         tau_host, err = values.pop(0), values.pop(0)
         evaluations = solution.evaluations
         if not err <= TOLERANCE:  # an unchecked solve that has not converged yet: go on
-            budgets = torch.tensor([self.budget], dtype=torch.float64, device=solution.tau.device)
+            budgets = to_device([self.budget], solution.tau.device, torch.float64)
             solution = solve_soft(self.pieces, budgets, unit_max=self.umax,
                                   tau_init=solution.tau, reduce=solver.reduce)
             tau_host, err = torch.stack([solution.tau[0], solution.error.max()]).tolist()

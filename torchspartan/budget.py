@@ -23,6 +23,8 @@ from torchspartan._chunks import count_true
 from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
+from ._device import to_device
+
 __all__ = ["Budget", "Counts", "SparsityOf"]
 
 SparsityOf = Literal["masked", "model"]
@@ -85,7 +87,7 @@ class Budget:
         ends = self._ends_cache.get(key)
         if ends is None:
             sizes = [self.refs[i].mask.hard_mask.numel() for i in run]
-            ends = torch.tensor(list(itertools.accumulate(sizes)), device=device) - 1
+            ends = to_device(list(itertools.accumulate(sizes)), device) - 1
             self._ends_cache[key] = ends
         return ends
 

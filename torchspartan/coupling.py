@@ -33,6 +33,8 @@ import torch
 from torchspartan._blocks import BlockedViews, block_mul, interleaved
 from torchspartan._kernels import MaskSpec, soft_mask
 
+from ._device import to_device
+
 __all__ = ["Batched", "Coupling"]
 
 
@@ -316,7 +318,7 @@ def _local_terms(info: _Info, a: list[torch.Tensor], sums: torch.Tensor, factors
     if not a:
         return []
     den = torch.stack(torch._foreach_norm(a, 1, dtype=torch.float64))  # a >= 0: its sum
-    num = sums * sums.new_tensor(factors)
+    num = sums * to_device(factors, sums.device, sums.dtype)
     return list(num.div_(den.clamp_min_(torch.finfo(den.dtype).tiny)).to(a[0].dtype).unbind())
 
 
@@ -351,7 +353,7 @@ def _blocked_backward(info: _Info, thetas: list[torch.Tensor], grads: list[torch
     torch._foreach_mul_(ga, b.scales)  # (beta/c) a g_m
     torch._foreach_mul_(a, b.betas)
     if n:
-        g_tau = -(sums[:n] * sums.new_tensor(b.betas[:n])).sum()  # dL/dtau
+        g_tau = -(sums[:n] * to_device(b.betas[:n], sums.device, sums.dtype)).sum()  # dL/dtau
         torch._foreach_mul_(a[:n], _over_slope(g_tau, info.slope).to(a[0].dtype))
     if local:
         torch._foreach_mul_(a[n:], local)

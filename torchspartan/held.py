@@ -30,6 +30,8 @@ from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
 from torchspartan.state import StepRecord
 
+from ._device import to_device
+
 __all__ = ["HeldUpdate"]
 
 
@@ -82,7 +84,7 @@ class HeldUpdate:
                                 sum(p.segments for p in pieces), rowwise=True))
             umax.append(units.amax(1))
         unit_max = torch.cat(umax).double()
-        extra = Extra(pieces, torch.tensor(budgets, dtype=torch.float64, device=unit_max.device),
+        extra = Extra(pieces, to_device(budgets, unit_max.device, torch.float64),
                       unit_max, torch.stack([refs[i].mask.threshold for i, _ in self.held]))
         # the other tensors: one shared budget, solved with the held ones' when it can be
         ids = {i for i, _ in held}

@@ -173,7 +173,8 @@ class SpartanMask(nn.Module):
             coupling: the :class:`~torchspartan.coupling.Coupling` of a shared budget.
         """
         self._check_hard(hard_mask)
-        tau = torch.as_tensor(threshold, dtype=torch.float64).to(self.threshold.device)
+        tau = torch.as_tensor(threshold, dtype=torch.float64)
+        tau = tau.to(self.threshold.device, non_blocking=tau.device.type == "cpu")  # no wait
         if tau.shape == self.threshold.shape:
             self.threshold.copy_(tau)
         else:

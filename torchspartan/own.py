@@ -35,6 +35,8 @@ from torchspartan.mask import update_masks
 from torchspartan.policies import Allocation
 from torchspartan.state import StepRecord
 
+from ._device import to_device
+
 __all__ = ["Segments", "own_budgets", "update_alone"]
 
 # Above this many entries the sort's index buffers (about 40 bytes an entry) cost more memory
@@ -82,17 +84,18 @@ class Segments:
         cost = solver.unit_costs[ids[0]] * refs[0].mask.block_numel
         sizes = [r.mask.hard_mask.numel() for r in refs]
         counts = [math.floor(b / cost + 0.5) for b in budgets]
-        lengths = torch.tensor(sizes, device=device)
+        lengths = to_device(sizes, device)
         self.flat, hard = select_segments_on_device(units, sizes, counts)
         self.hard_of = split_views(solver, self.ids, self.flat)
         self.betas = [beta * math.sqrt(r.mask.block_numel) for r in refs]
         self.piece = Piece(units.view(1, -1), self.betas[0], cost, 0, lengths=lengths)
-        self.budgets = torch.tensor(list(budgets), dtype=torch.float64, device=device)
+        self.budgets = to_device(list(budgets), device, torch.float64)
         self.unit_max = torch.segment_reduce(units, "max", lengths=lengths).double()
         # the warm start of each: last step's tau moved with its hard threshold, keeping
         # beta (tau - h) (AllocationSolver.warm_start, per segment)
         tau = torch.stack([r.mask.threshold for r in refs])
-        past = tau.new_tensor([solver.hints.get((i,), [math.nan])[-1] for i in ids])
+        past = to_device([solver.hints.get((i,), [math.nan])[-1] for i in ids], tau.device,
+                         tau.dtype)
         shifted = shifted_start(tau, torch.stack([r.mask.beta for r in refs]), past,
                                 self.betas[0], hard)
         self.tau_init = torch.where(torch.isfinite(shifted), shifted, tau)  # no hint: tau

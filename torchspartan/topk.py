@@ -44,6 +44,8 @@ from torchspartan._engine import (
 )
 from torchspartan.policies import AllocationPolicy, Global, MaskedTensor
 
+from ._device import to_device
+
 __all__ = ["SoftTopK", "SoftTopKResult", "hard_topk", "soft_topk"]
 
 Budget = float | torch.Tensor
@@ -472,7 +474,7 @@ def _list_plan(values: Sequence[torch.Tensor], budget: Budget, beta: Any, costs:
     device = values[0].device
     plan_betas: list[float | torch.Tensor] = [float(x) for x in betas]
     plan = _Plan([p for p in parts if p is not None], plan_betas, cost_list,
-                 torch.tensor(budgets or [1.0], dtype=torch.float64, device=device), fill)
+                 to_device(budgets or [1.0], device, torch.float64), fill)
     live = [i for i in range(n) if fill[i] is None] or list(range(n))
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else values[0].dtype
     _guard(plan, max(value_max[i] / cost_lo[i] for i in live), min(betas[i] for i in live),
@@ -659,8 +661,7 @@ def soft_topk(
         if isinstance(threshold_init, torch.Tensor):
             t0 = threshold_init.to(device=plan.budgets.device, dtype=torch.float64)
         else:
-            t0 = torch.tensor(float(threshold_init), dtype=torch.float64,
-                              device=plan.budgets.device)
+            t0 = to_device(float(threshold_init), plan.budgets.device, torch.float64)
         try:
             t0 = torch.broadcast_to(t0.reshape(-1) if t0.dim() > 0 else t0,
                                     plan.budgets.shape).clone()
