@@ -556,10 +556,13 @@ def met(ok: bool) -> str:
 
 def render(res: dict[str, Any]) -> str:
     env = res["env"]
+    cuda = str(env.get("device", "cpu")).startswith("cuda")
     lines = [
-        "# Dispatched ops and host syncs per training step (CPU)",
+        f"# Dispatched ops and host syncs per training step ({'CUDA' if cuda else 'CPU'})",
         "",
-        f"- Device: {env['cpu']}, {env['cores']} logical cores, torch threads {env['threads']}",
+        (f"- Device: {env.get('gpu', 'a CUDA GPU')}; host {env['cpu']}, {env['cores']} logical "
+         f"cores" if cuda else
+         f"- Device: {env['cpu']}, {env['cores']} logical cores, torch threads {env['threads']}"),
         f"- torch {env['torch']}, torchvision {env['torchvision']}, Python {env['python']}",
         f"- Library at git `{env['git']}`; date {env['date']}",
         f"- One training step (zero_grad, forward, cross-entropy loss, backward, `opt.step()`) "
@@ -570,6 +573,8 @@ def render(res: dict[str, Any]) -> str:
         f"schedule shapes shifted to start at step {res['args']['start_step']} (mid-anneal: "
         "density and beta strictly between their endpoints, the hard masks change every step). "
         + ("Mask update: the sync-free path (selection and warm-started Newton decided on the "
+           "device), the default on CUDA." if cuda else
+           "Mask update: the sync-free path (selection and warm-started Newton decided on the "
            "device, the default on CUDA), forced on this CPU." if res['args'].get('sync_free')
            else "Mask update: the CPU path (the default off CUDA).")
         + (" Masks: the library's default floors (at least one entry per output unit or block "
@@ -583,8 +588,12 @@ def render(res: dict[str, Any]) -> str:
         "would make the host wait on an accelerator (`_local_scalar_dense`, i.e. `.item()`/"
         "`float()`/`bool()`/`int()`; data-dependent output shapes: `nonzero`, `masked_select`, "
         "`unique`, boolean indexing, ...; device-to-host copies: `.tolist()`, `.cpu()`, "
-        "`.numpy()`), counted on CPU for the code path a CPU run takes; reads of tensors that "
-        "would stay on the host are not counted (definitions in the script's docstring).",
+        "`.numpy()`; host-to-device copies that wait), "
+        + ("counted where they happen, on the GPU (a CUDA dense step runs fused multi-tensor "
+           "kernels that a CPU step runs tensor by tensor, so it dispatches fewer ops than on a "
+           "CPU)" if cuda else "counted on CPU for the code path a CPU run takes; reads of "
+           "tensors that would stay on the host are not counted")
+        + " (definitions in the script's docstring).",
         "",
         "## Targets",
         "",
@@ -684,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {
         "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "device": args.device, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "device": args.device, **({"gpu": torch.cuda.get_device_name(torch.device(args.device))}
+                                   if args.device.startswith("cuda") else {}),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
         "python": platform.python_version(), "git": library_git(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
