@@ -244,9 +244,19 @@ def solve_soft(
     tau_lo = torch.full_like(budgets, math.inf).scatter_reduce_(0, index, -shift, "amin")
     work = [None if chunks and not masks and _sums_only(p) else torch.empty_like(p.units)
             for p in pieces]
+    # one piece, one segment, numbers for beta and cost, a buffer for m (the GPU route): the
+    # sums straight into f and f' (the same values, 11 ops an evaluation instead of 25)
+    single = (len(pieces) == 1 and num_segments == 1 and reduce is None and work[0] is not None
+              and _plain(pieces[0]))
 
     def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tau = -x
+        if single:
+            p, m, beta = pieces[0], work[0], float(pieces[0].beta)
+            flat = torch.add((-beta * tau[0]).to(cdt), p.units, alpha=beta, out=m).sigmoid_()
+            flat = flat.reshape(-1)
+            sums = torch.stack([flat.sum(), torch.dot(flat, flat)]).double().mul_(float(p.cost))
+            return sums[:1] - budgets, (sums[:1] - sums[1:]) * betas
         s1, s2 = [], []
         for p, m in zip(pieces, work, strict=True):
             if m is None:  # a CPU piece with a number for beta and cost: chunk by chunk
@@ -288,11 +298,16 @@ def solve_soft(
     return SoftSolution(kept, -x, slope, evaluations, f.abs() / budgets)
 
 
+def _plain(p: Piece) -> bool:
+    """Whether piece ``p`` is one segment with a number for beta and for cost."""
+    return not p.many and not isinstance(p.beta, torch.Tensor) and not isinstance(
+        p.cost, torch.Tensor)
+
+
 def _sums_only(p: Piece) -> bool:
-    """Whether an evaluation of piece ``p`` can be summed a chunk at a time (a CPU piece of one
-    segment, with a number for beta and for cost)."""
-    return (p.units.device.type == "cpu" and not p.many and not isinstance(p.beta, torch.Tensor)
-            and not isinstance(p.cost, torch.Tensor) and p.units.is_contiguous())
+    """Whether an evaluation of piece ``p`` can be summed a chunk at a time (a plain CPU piece:
+    :func:`_plain`)."""
+    return p.units.device.type == "cpu" and _plain(p) and p.units.is_contiguous()
 
 
 def _cold_start(
@@ -360,7 +375,7 @@ def safeguarded_newton(
         lo = torch.where(f <= 0, x, lo)
         hi = torch.where(f >= 0, x, hi)
         step = x - f / fp
-        inside = (step > lo) & (step < hi) & torch.isfinite(step)
+        inside = (step > lo) & (step < hi)  # False for a NaN or infinite step too
         x = torch.where(inside, step, 0.5 * (lo + hi))
         f, fp = evaluate(x)
         evaluations += 1
