@@ -58,6 +58,7 @@ class AllocationSolver:
                  sync_free: bool | None = None) -> None:
         self.refs = list(refs)
         self.unit_costs = list(unit_costs)
+        self.numels = [r.theta.numel() for r in self.refs]  # of the whole tensors, for good
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
@@ -267,7 +268,7 @@ class AllocationSolver:
         return max(low, self.floors.get(i, 0.0)) if shared else low
 
     def cost(self, i: int) -> float:
-        return self.refs[i].theta.numel() * self.unit_costs[i]
+        return self.numels[i] * self.unit_costs[i]
 
     def solve(self, idx: tuple[int, ...], budget: float, beta: float, step: int = 0
               ) -> tuple[int, float]:

@@ -194,11 +194,15 @@ class SpartanMask(nn.Module):
     def _bind_state(self, hard_mask: torch.Tensor, beta: float, scope: Scope,
                     coupling: Coupling | None) -> None:
         self.hard_mask = hard_mask
-        self.soft_active = beta > 0
         if self._coupling is not None and self._coupling is not coupling:
             self._coupling._cache = None
-        self._coupling = coupling
-        self._scope = scope if beta > 0 else "none"
+        self._set_plain(soft_active=beta > 0, _coupling=coupling,
+                        _scope=scope if beta > 0 else "none")
+
+    def _set_plain(self, **values: Any) -> None:
+        """Set plain Python attributes (no tensor, module or parameter among them) without
+        ``nn.Module.__setattr__``'s registration checks: every mask pays them at every update."""
+        self.__dict__.update(values)
 
     def join(self, coupling: Coupling) -> None:
         """Have ``coupling``'s batched node compute this mask's weight (its own threshold and
@@ -216,9 +220,8 @@ class SpartanMask(nn.Module):
     def unbind(self, coupling: Coupling | None = None) -> None:
         """Drop the shared threshold (``tau`` becomes a constant); only ``coupling``'s if given."""
         if coupling is None or self._coupling is coupling:
-            self._coupling = None
-            if self._scope == "shared":
-                self._scope = "none"
+            self._set_plain(_coupling=None,
+                            _scope="none" if self._scope == "shared" else self._scope)
 
     def factor(self, theta: torch.Tensor) -> torch.Tensor:
         """``m * h`` (``h`` alone with the soft mask off), block-grid shape, for ``theta``."""
