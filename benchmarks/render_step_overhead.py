@@ -44,8 +44,8 @@ def render(res: dict[str, Any]) -> str:
         f"- Command: `{res['command']}` (library at git `{res.get('git', 'unknown')}`)",
         f"- Date: {res['date']}; wall time of the run {res['wall_s'] / 60:.1f} min; "
         f"load average at start {res['load_start']}, at end {res['load_end']} "
-        f"(the machine is shared: other jobs ran alongside, which is why steps are interleaved "
-        f"and medians are reported)",
+        f"(steps are interleaved and medians reported, so that a change of load hits both "
+        f"configurations alike)",
         f"- AMP: {a['amp']}; channels_last: {a['channels_last']}; base optimizer SGD "
         f"(momentum 0.9, weight decay 1e-4); Spartan: `ts.DualAveraging`, `ts.Global()` policy, "
         f"total_steps=1000, schedules shifted to start at step {a['start_step']} (mid-anneal, "
