@@ -149,7 +149,7 @@ def render(data: dict[str, Any]) -> str:
         f"of the N masked weights is the target); masked sparsity = zeros of the finalized "
         f"masked tensors (`ts.sparsity_report(model).masked_sparsity`); all weights (2-D) = "
         f"zeros over every tensor with >= 2 dims (`weight_sparsity`). Step times are in the "
-        f"JSON only: the run shared its 2 cores with other jobs.",
+        f"JSON only: the 2 cores were under load during the run.",
         "",
         f"**{passed} of {len(rows)} models at the target with finite losses and outputs**"
         + (f"; {len(errors)} did not run (below)." if errors else "."),
