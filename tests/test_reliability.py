@@ -689,6 +689,8 @@ def test_sparsify_refuses_what_it_cannot_mask() -> None:
         ts.SpartanMask().check_tensor(torch.zeros(2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="non-empty weight"):
         ts.sparsify(nn.Linear(0, 3))
+    with pytest.raises(ValueError, match="meta device"):
+        ts.sparsify(nn.Linear(2, 3, device="meta"))
     lazy = nn.Sequential(nn.LazyLinear(4))
     with pytest.raises(ValueError, match="not initialized yet"):
         ts.sparsify(lazy)

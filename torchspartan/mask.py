@@ -288,7 +288,7 @@ class SpartanMask(nn.Module):
 
     def check_tensor(self, weight: torch.Tensor) -> None:
         """Raise ``ValueError`` for a tensor a mask cannot serve: not floating point, empty,
-        or not a dense (strided) tensor."""
+        on the meta device, or not a dense (strided) tensor."""
         if weight.layout != torch.strided:
             raise ValueError(f"a SpartanMask needs a dense weight, got layout {weight.layout}; "
                              f"exclude this tensor")
@@ -298,6 +298,11 @@ class SpartanMask(nn.Module):
         if weight.numel() == 0:
             raise ValueError(f"a SpartanMask needs a non-empty weight, got shape "
                              f"{tuple(weight.shape)}; exclude this tensor")
+        if weight.is_meta:
+            raise ValueError("a SpartanMask needs a weight with values, got one on the meta "
+                             "device (model.to_empty() would leave the mask's buffers "
+                             "uninitialised); materialise and initialise the model first, then "
+                             "sparsify it")
 
     def grid_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """The shape of the hard mask for a weight of ``shape`` (one entry per block)."""
