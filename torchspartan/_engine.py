@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from torchspartan._chunks import sigmoid_sums
+from torchspartan._device import to_device
 from torchspartan._select import select_flat
-
-from ._device import to_device
 
 __all__ = [
     "TOLERANCE",

@@ -33,8 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from torchspartan._chunks import count_true, split_window
-
-from ._device import to_device
+from torchspartan._device import to_device
 
 __all__ = ["select_flat", "select_segments_on_device", "select_top_budget"]
 

@@ -18,6 +18,7 @@ import torch
 
 from torchspartan._blocks import BlockedViews, from_rows, to_rows
 from torchspartan._chunks import abs_max
+from torchspartan._device import to_device
 from torchspartan._engine import (
     TOLERANCE,
     Piece,
@@ -31,8 +32,6 @@ from torchspartan._select import select_on_device
 from torchspartan.coupling import Batched, Coupling
 from torchspartan.mask import SpartanMask, update_masks
 from torchspartan.sparsify import MaskRef
-
-from ._device import to_device
 
 __all__ = ["AllocationSolver", "bind"]
 

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from torchspartan._chunks import count_true
+from torchspartan._device import to_device
 from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
-
-from ._device import to_device
 
 __all__ = ["Budget", "Counts", "SparsityOf"]
 

@@ -31,9 +31,8 @@ from typing import Any, Protocol
 import torch
 
 from torchspartan._blocks import BlockedViews, block_mul, interleaved
+from torchspartan._device import to_device
 from torchspartan._kernels import MaskSpec, soft_mask
-
-from ._device import to_device
 
 __all__ = ["Batched", "Coupling"]
 

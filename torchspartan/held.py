@@ -23,14 +23,13 @@ from collections.abc import Sequence
 
 import torch
 
+from torchspartan._device import to_device
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
 from torchspartan._select import select_segments_on_device
 from torchspartan.allocation import NEWTON_UNCHECKED, AllocationSolver, Extra, Pending, packed
 from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
 from torchspartan.state import StepRecord
-
-from ._device import to_device
 
 __all__ = ["HeldUpdate"]
 

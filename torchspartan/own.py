@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from torchspartan._checks import check_weights
+from torchspartan._device import to_device
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
 from torchspartan._select import select_segments_on_device
 from torchspartan.allocation import (
@@ -34,8 +35,6 @@ from torchspartan.budget import Budget
 from torchspartan.mask import update_masks
 from torchspartan.policies import Allocation
 from torchspartan.state import StepRecord
-
-from ._device import to_device
 
 __all__ = ["Segments", "own_budgets", "update_alone"]
 

@@ -34,6 +34,7 @@ from typing import Any, Literal, overload
 import torch
 
 from torchspartan._blocks import from_rows, to_rows
+from torchspartan._device import to_device
 from torchspartan._engine import (
     TOLERANCE,
     Piece,
@@ -43,8 +44,6 @@ from torchspartan._engine import (
     solve_soft,
 )
 from torchspartan.policies import AllocationPolicy, Global, MaskedTensor
-
-from ._device import to_device
 
 __all__ = ["SoftTopK", "SoftTopKResult", "hard_topk", "soft_topk"]
 
