@@ -52,7 +52,8 @@ def public_operator_loss(model: nn.Module, policy: ts.AllocationPolicy, density:
     return nn.functional.cross_entropy(out, y), thetas
 
 
-@pytest.mark.parametrize("kind", ["global", "blocks", "uniform", "erk", "nm", "flops"])
+@pytest.mark.parametrize("kind", ["global", "blocks", "uniform", "erk", "nm", "nm-conv",
+                                  "nm-channels-last", "flops"])
 def test_training_gradient_is_the_public_soft_topk_gradient(kind: str) -> None:
     torch.manual_seed(0)
     if kind == "flops":
@@ -66,15 +67,25 @@ def test_training_gradient_is_the_public_soft_topk_gradient(kind: str) -> None:
                     exclude=[r"^4$"] if kind == "blocks" else ())
         x = torch.randn(5, 6, dtype=torch.float64)
         policy = {"global": ts.Global(), "blocks": ts.Global(), "uniform": ts.Uniform(),
-                  "erk": ts.ERK(), "nm": ts.Global()}[kind]
+                  "erk": ts.ERK()}.get(kind, ts.Global())
     if kind == "nm":
         model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double()
         ts.sparsify(model)
         x = torch.randn(5, 8, dtype=torch.float64)
         policy = ts.NM(2, 4)
+    if kind.startswith("nm-"):  # 4-D groups along dim 1: in the weight's layout (contiguous)
+        # or through the rows of a permuted copy (channels_last)
+        model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
+                              nn.Linear(4 * 3 * 3, 4)).double()
+        if kind == "nm-channels-last":
+            model = model.to(memory_format=torch.channels_last)
+        ts.sparsify(model)
+        x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+        policy = ts.NM(2, 4)
+        assert (kind == "nm-conv") == ts.find_masks(model)[0].theta.is_contiguous()
     y = torch.tensor([0, 1, 2, 1, 0])
     updater = ts.MaskUpdater(model, policy)
-    density = 0.5 if kind == "nm" else 0.4
+    density = 0.5 if kind.startswith("nm") else 0.4
     record = updater.update(density=density, beta=3.0)
     nn.functional.cross_entropy(model(x), y).backward()
     ours = [r.theta.grad for r in ts.find_masks(model)]

@@ -52,11 +52,36 @@ def _tau_view(spec: MaskSpec, tau: torch.Tensor) -> torch.Tensor:
     return tau.unsqueeze(-1) if spec.group is not None else tau
 
 
+def _grouped(x: torch.Tensor, tau: torch.Tensor, group: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """N:M in the weight's own layout: ``x`` (contiguous) as ``(d0, d1/g, g, d2, ...)`` and
+    ``tau`` (one per row of :func:`to_rows`) as ``(d0, d1/g, 1, d2, ...)``, both views, so that
+    a group's entries meet their threshold by broadcasting (no permuted copies)."""
+    if x.dim() == 1:
+        return x.view(-1, group), tau.view(-1, 1)
+    d0, d1, rest = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    return (x.view(d0, d1 // group, group, *rest),
+            tau.view(d0, *rest, d1 // group).movedim(-1, 1).unsqueeze(2))
+
+
+def _grouped_soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor, group: int
+                       ) -> torch.Tensor:
+    """:func:`soft_mask` of an unstructured N:M mask in the grouped layout of :func:`_grouped`,
+    with the same values (``|theta| / c - tau`` in float64, times beta, rounded, the sigmoid)."""
+    t, tau_g = _grouped(theta, tau, group)
+    v = t.abs()
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.float()
+    return torch.sigmoid_((v / spec.cost - tau_g).mul_(spec.beta).to(v.dtype))
+
+
 @torch.no_grad()
 def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = None) -> torch.Tensor:
     """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape
     (no autograd history: computed without the ``detach`` op per call)."""
     tau = spec.tau if tau is None else tau
+    if spec.group is not None and _flat_groups(theta, spec):
+        return _grouped_soft_mask(theta, spec, tau, spec.group).view(theta.shape)
     v = block_reduce(theta.abs(), spec.sizes)
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
@@ -67,6 +92,11 @@ def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = No
     rows = to_rows(v, spec.group)
     z = (rows / spec.cost - _tau_view(spec, tau)).mul_(spec.beta).to(v.dtype)
     return from_rows(torch.sigmoid_(z), v.shape, spec.group)
+
+
+def _flat_groups(theta: torch.Tensor, spec: MaskSpec) -> bool:
+    """Whether the N:M groups of ``spec`` can be viewed in ``theta``'s own layout."""
+    return all(s == 1 for s in spec.sizes) and theta.is_contiguous()
 
 
 def _segment_mean(a: torch.Tensor, b: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
@@ -124,7 +154,10 @@ class MaskedWeight(torch.autograd.Function):
             grad_tau = (-spec.beta * b.sum()).reshape(()) if want_tau else None
             torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
             return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
-        # general: blocks, N:M rows, low precision, or the budget term of local segments
+        if spec.group is not None and _flat_groups(theta, spec):
+            return _grouped_backward(theta, grad, spec, spec.group, want_tau)
+        # general: blocks, N:M rows of a strided weight, low precision, or the budget term of
+        # local segments
         m = soft_mask(theta, spec)
         g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm, block grid
         a = m * (1 - m)
@@ -137,3 +170,24 @@ class MaskedWeight(torch.autograd.Function):
         grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
             torch.sign(theta).reshape(inter), dv.reshape(grid))
         return grad_theta.reshape(theta.shape).to(grad.dtype), grad_tau, None
+
+
+def _grouped_backward(theta: torch.Tensor, grad: torch.Tensor, spec: MaskSpec, group: int,
+                      want_tau: bool) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    """The general backward of :class:`MaskedWeight` for unstructured N:M masks, in the grouped
+    layout of :func:`_grouped`: a group's sums are a reduction over one dim of a view, not over
+    the rows of a permuted copy (about half the ops per layer)."""
+    t, _ = _grouped(theta, spec.tau, group)
+    dim = 1 if theta.dim() == 1 else 2  # the dim of a group's entries
+    m = _grouped_soft_mask(theta, spec, spec.tau, group)
+    g = grad.reshape(t.shape)
+    a = m * (1 - m)
+    ga = a * (g * t).to(m.dtype)  # a dL/dm
+    grad_tau = -(spec.beta * ga.sum(dtype=torch.float64)).reshape(()) if want_tau else None
+    if spec.scope == "local":  # minus a Lambda, Lambda the a-mean of dL/dm over the group
+        # (a saturated group, sum a = 0, has ga = 0 too: Lambda = 0 / tiny = 0)
+        den = a.sum(dim, keepdim=True).clamp_min_(torch.finfo(a.dtype).tiny)
+        ga.sub_(a * ga.sum(dim, keepdim=True).div_(den))
+    dv = ga.mul_((spec.beta / spec.cost).to(ga.dtype))  # dL/dv
+    grad_theta = (g * m).addcmul_(torch.sign(t), dv)
+    return grad_theta.view(theta.shape).to(grad.dtype), grad_tau, None
