@@ -97,7 +97,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 from collections import Counter
@@ -107,7 +106,7 @@ from typing import Any
 
 import torch
 from machine import cpu_name
-from step_runner import SPECS, build_model, make_dual, record_of, sparsify_model
+from step_runner import SPECS, build_model, make_dual, record_of, sparsify_model, sparsify_nm
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -472,9 +471,7 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
     names: list[str] = []
     nm = args.policy == "nm24"
     if label == "spartan" and nm:  # 2:4 groups along dim 1: layers whose inputs 4 divides
-        names = ts.sparsify(model, exclude=[f"^{re.escape(n)}$" for n, m in model.named_modules()
-                                            if isinstance(m, (nn.Conv2d, nn.Linear))
-                                            and m.weight.shape[1] % 4], min_density=0.0)
+        names = sparsify_nm(model)
     elif label == "spartan":
         names = sparsify_model(model, spec, args.min_density)
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

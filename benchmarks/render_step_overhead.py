@@ -36,6 +36,8 @@ def render(res: dict[str, Any]) -> str:
     cuda = a["device"].startswith("cuda")
     target = CUDA_RATIO_TARGET if cuda else CPU_RATIO_TARGET
     target_batch = 256 if cuda else 32
+    policy = ("`ts.NM(2, 4)` at 50% (every Conv2d/Linear whose dim 1 four divides, no floors)"
+              if a.get("policy") == "nm24" else "`ts.Global()`")
     lines = [
         f"# Spartan step overhead ({'CUDA' if cuda else 'CPU'})",
         "",
@@ -47,7 +49,8 @@ def render(res: dict[str, Any]) -> str:
         f"(steps are interleaved and medians reported, so that a change of load hits both "
         f"configurations alike)",
         f"- AMP: {a['amp']}; channels_last: {a['channels_last']}; base optimizer SGD "
-        f"(momentum 0.9, weight decay 1e-4); Spartan: `ts.DualAveraging`, `ts.Global()` policy, "
+        f"(momentum 0.9, weight decay 1e-4); Spartan: `ts.DualAveraging`, {policy} policy"
+        f"{', check_finite=False' if a.get('no_check_finite') else ''}, "
         f"total_steps=1000, schedules shifted to start at step {a['start_step']} (mid-anneal, "
         f"moving mask); warm-up {a['warmup']} + {a['repeats']} interleaved repeats per "
         f"configuration, medians.",

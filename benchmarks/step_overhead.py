@@ -67,7 +67,8 @@ import torchspartan as ts
 def bench_step(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dense, spartan, info = make_runners(name, batch, device, args.amp, args.start_step,
-                                        args.channels_last)
+                                        args.channels_last, policy=args.policy,
+                                        check_finite=not args.no_check_finite)
     log(f"[{name} b{batch}] {info['masked_weights'] / 1e6:.2f}M masked weights in "
         f"{info['masked_tensors']} tensors; warm-up {args.warmup}, repeats {args.repeats}")
     losses: dict[str, list[float]] = {"dense": [], "spartan": []}
@@ -375,6 +376,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rounds of back-to-back steps after the timing by phase (default: 5 on "
                         "CUDA, 0 on CPU, where waiting between phases costs nothing)")
     p.add_argument("--pipelined-steps", type=int, default=5, help="steps per pipelined round")
+    p.add_argument("--policy", choices=("global", "nm24"), default="global",
+                   help="the Spartan masks of the step timings: global (the model's spec) or "
+                        "2:4 at 50%% on every Conv2d/Linear whose dim 1 four divides")
+    p.add_argument("--no-check-finite", action="store_true",
+                   help="ts.DualAveraging(check_finite=False): no host sync before the base step")
     p.add_argument("--only", nargs="+",
                    choices=("steps", "memory", "scaling", "compile", "profile"),
                    default=("steps", "memory", "scaling"),

@@ -26,7 +26,7 @@ from torch import nn
 import torchspartan as ts
 
 __all__ = ["PHASES", "SPECS", "ModelSpec", "Runner", "build_model", "make_dual", "make_runners",
-           "masked_numel", "record_of", "sparsify_model"]
+           "masked_numel", "record_of", "sparsify_model", "sparsify_nm"]
 
 PHASES = ("forward", "backward", "optimizer", "mask_update")
 
@@ -204,13 +204,26 @@ class Runner:
         return {k: statistics.median(v) for k, v in self.times.items() if v}
 
 
+def sparsify_nm(model: nn.Module) -> list[str]:
+    """2:4 along dim 1 on every Conv2d and Linear whose dim 1 four divides (no floors)."""
+    import re
+
+    return ts.sparsify(model, exclude=[f"^{re.escape(n)}$" for n, m in model.named_modules()
+                                       if isinstance(m, (nn.Conv2d, nn.Linear))
+                                       and m.weight.shape[1] % 4], min_density=0.0)
+
+
 def make_runners(name: str, batch: int, device: torch.device, amp: str, start_step: int,
-                 channels_last: bool, seed: int = 0) -> tuple[Runner, Runner, dict[str, Any]]:
+                 channels_last: bool, seed: int = 0, policy: str = "global",
+                 check_finite: bool = True) -> tuple[Runner, Runner, dict[str, Any]]:
+    """The dense and Spartan runners of model ``name`` (``policy``: "global" with the model's
+    spec, or "nm24": 2:4 at 50%; ``check_finite``: ``ts.DualAveraging``'s check before the
+    base step)."""
     spec = SPECS[name]
     torch.manual_seed(seed)
     dense = build_model(name).to(device)
     spartan = copy.deepcopy(dense)
-    names = sparsify_model(spartan, spec)
+    names = sparsify_nm(spartan) if policy == "nm24" else sparsify_model(spartan, spec)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dense = dense.to(memory_format=fmt)
     spartan = spartan.to(memory_format=fmt)
@@ -222,10 +235,14 @@ def make_runners(name: str, batch: int, device: torch.device, amp: str, start_st
         base = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         opt: torch.optim.Optimizer = base
         if label == "spartan":
-            opt = make_dual(model, base, spec.sparsity, spec.beta_target, 1000, start_step)
+            opt = make_dual(model, base, 0.5 if policy == "nm24" else spec.sparsity,
+                            spec.beta_target, 1000, start_step,
+                            ts.NM(2, 4) if policy == "nm24" else None)
+            opt.check_finite = check_finite  # type: ignore[attr-defined]
         runners.append(Runner(label, model, base, opt, device, amp, x, y))
     info = {
-        "model": name, "batch": batch, "image": spec.image, "sparsity": spec.sparsity,
+        "model": name, "batch": batch, "image": spec.image, "policy": policy,
+        "check_finite": check_finite, "sparsity": 0.5 if policy == "nm24" else spec.sparsity,
         "beta_target": spec.beta_target, "block": spec.block, "masked_tensors": len(names),
         "masked_weights": masked_numel(spartan),
         "total_params": sum(p.numel() for p in spartan.parameters()),
