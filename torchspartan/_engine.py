@@ -424,10 +424,13 @@ def soft_backward(
 
 
 def hard_select(
-    pieces: Sequence[Piece], budgets: Sequence[float],
+    pieces: Sequence[Piece], budgets: Sequence[float] | torch.Tensor,
     hints: Sequence[float | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Hard top-k per segment: the greedy knapsack prefix, ties to the lower position.
+
+    ``budgets``: one per segment, numbers or a float64 tensor (millions of N:M rows: a list
+    would take longer to turn into a tensor than the selection takes).
 
     An entry is kept while at least half of its cost still fits in its segment's budget (with unit
     costs exactly ``floor(B + 0.5)`` entries). Long segments are selected without a sort (a
@@ -464,8 +467,10 @@ def hard_select(
 SELECT_MIN_LENGTH = 1 << 12
 
 
-def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> torch.Tensor:
-    """Hard top-k of every row of ``units`` (``(R, L)``) with its own budget; bool ``(R, L)``."""
+def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float] | torch.Tensor
+                ) -> torch.Tensor:
+    """Hard top-k of every row of ``units`` (``(R, L)``) with its own budget (numbers or a
+    tensor); bool ``(R, L)``."""
     rows, d = units.shape
     costs = None if not isinstance(cost, torch.Tensor) else torch.broadcast_to(cost, units.shape)
     unit_cost = 1.0 if isinstance(cost, torch.Tensor) else float(cost)
@@ -478,7 +483,8 @@ def select_rows(units: torch.Tensor, cost: Cost, budgets: Sequence[float]) -> to
         return out
     cdt = torch.float64
     order = torch.sort(units, dim=-1, descending=True, stable=True).indices
-    b = to_device(list(budgets), units.device, cdt).unsqueeze(-1)
+    b = (budgets.to(units.device, cdt) if isinstance(budgets, torch.Tensor)
+         else to_device(list(budgets), units.device, cdt)).unsqueeze(-1)
     if costs is None:
         position = torch.arange(1, d + 1, dtype=cdt, device=units.device) * unit_cost
         keep_sorted = (position - 0.5 * unit_cost) <= b

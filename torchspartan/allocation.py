@@ -399,8 +399,9 @@ class AllocationSolver:
         for members in by_dtype.values():  # the Spartan masks' rows first
             units = torch.cat([rows for _, rows in members])
             counts = [rows.shape[0] for _, rows in members]
-            hard, _ = hard_select([Piece(units, beta, 1.0, 0, rowwise=True)],
-                                  [budget] * units.shape[0])
+            budgets = torch.full((units.shape[0],), budget, dtype=torch.float64,
+                                 device=units.device)
+            hard, _ = hard_select([Piece(units, beta, 1.0, 0, rowwise=True)], budgets)
             grids = {i: from_rows(h, self.refs[i].mask.hard_mask.shape, group).contiguous()
                      for (i, _), h in zip(members, hard[0].split(counts), strict=True)}
             soft = [(i, n) for (i, _), n in zip(members, counts, strict=True)
@@ -413,7 +414,7 @@ class AllocationSolver:
                            for m, (_, n) in zip(masks, soft, strict=True))
                 solution = solve_soft(
                     [Piece(units.narrow(0, 0, n_soft), beta, 1.0, 0, rowwise=True)],
-                    torch.full((n_soft,), budget, dtype=torch.float64, device=units.device),
+                    budgets.narrow(0, 0, n_soft),
                     tau_init=torch.cat([m.threshold for m in masks]) if warm else None)
                 taus = list(solution.tau.split([n for _, n in soft]))
                 iterations += solution.evaluations
