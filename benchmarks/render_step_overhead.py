@@ -68,12 +68,12 @@ def render(res: dict[str, Any]) -> str:
         if s["batch"] == target_batch and "pipelined_ratio" in s:
             p = s["pipelined"]
             lines.append(
-                f"| {s['model']} b{s['batch']}: Spartan step <= {target}x dense (pipelined) | "
+                f"| {s['model']} b{s['batch']}: Spartan step <= {target:.2f}x dense (pipelined) | "
                 f"{s['pipelined_ratio']:.3f}x ({ms(p['spartan'])} / {ms(p['dense'])} ms) "
                 f"| {met(s['pipelined_ratio'] <= target)} |")
         elif s["batch"] == target_batch:
             lines.append(
-                f"| {s['model']} b{s['batch']}: Spartan step <= {target}x dense | "
+                f"| {s['model']} b{s['batch']}: Spartan step <= {target:.2f}x dense | "
                 f"{s['ratio']:.3f}x ({ms(s['spartan']['total'])} / {ms(s['dense']['total'])} ms) "
                 f"| {met(s['ratio'] <= target)} |")
     for m in res.get("memory", []):
