@@ -13,7 +13,7 @@ and exact through ``m``. What is exact depends on where the threshold's budget l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,27 +52,21 @@ def _tau_view(spec: MaskSpec, tau: torch.Tensor) -> torch.Tensor:
     return tau.unsqueeze(-1) if spec.group is not None else tau
 
 
-def _grouped(x: torch.Tensor, tau: torch.Tensor, group: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """N:M in the weight's own layout: ``x`` (contiguous) as ``(d0, d1/g, g, d2, ...)`` and
-    ``tau`` (one per row of :func:`to_rows`) as ``(d0, d1/g, 1, d2, ...)``, both views, so that
-    a group's entries meet their threshold by broadcasting (no permuted copies)."""
+def _group_view(x: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """A contiguous grid ``x`` with its N:M groups along dim 1 as ``(d0, d1/g, g, d2, ...)``
+    (``(n/g, g)`` in 1-D), a view, and the dim of a group's entries: the rows of
+    :func:`to_rows` without a permuted copy."""
     if x.dim() == 1:
-        return x.view(-1, group), tau.view(-1, 1)
-    d0, d1, rest = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    return (x.view(d0, d1 // group, group, *rest),
-            tau.view(d0, *rest, d1 // group).movedim(-1, 1).unsqueeze(2))
+        return x.view(-1, group), 1
+    return x.view(x.shape[0], x.shape[1] // group, group, *x.shape[2:]), 2
 
 
-def _grouped_soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor, group: int
-                       ) -> torch.Tensor:
-    """:func:`soft_mask` of an unstructured N:M mask in the grouped layout of :func:`_grouped`,
-    with the same values (``|theta| / c - tau`` in float64, times beta, rounded, the sigmoid)."""
-    t, tau_g = _grouped(theta, tau, group)
-    v = t.abs()
-    if v.dtype in (torch.float16, torch.bfloat16):
-        v = v.float()
-    return torch.sigmoid_((v / spec.cost - tau_g).mul_(spec.beta).to(v.dtype))
+def _tau_groups(tau: torch.Tensor, shape: Sequence[int], group: int) -> torch.Tensor:
+    """``tau``, one per row of :func:`to_rows` of a grid of ``shape``, as a view that
+    broadcasts against :func:`_group_view` of that grid."""
+    if len(shape) == 1:
+        return tau.view(-1, 1)
+    return tau.view(shape[0], *shape[2:], shape[1] // group).movedim(-1, 1).unsqueeze(2)
 
 
 @torch.no_grad()
@@ -80,8 +74,6 @@ def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = No
     """``sigmoid(beta * (block_sum|theta| / cost - tau))`` in float32/64, block-grid shape
     (no autograd history: computed without the ``detach`` op per call)."""
     tau = spec.tau if tau is None else tau
-    if spec.group is not None and _flat_groups(theta, spec):
-        return _grouped_soft_mask(theta, spec, tau, spec.group).view(theta.shape)
     v = block_reduce(theta.abs(), spec.sizes)
     if v.dtype in (torch.float16, torch.bfloat16):
         v = v.float()
@@ -89,29 +81,33 @@ def soft_mask(theta: torch.Tensor, spec: MaskSpec, tau: torch.Tensor | None = No
         # the same rounding as the batched path of coupling.py: |theta| * (beta/c) - beta*tau
         z = torch.mul(v, (spec.beta / spec.cost).to(v.dtype), out=v)
         return torch.sigmoid_(z.add_((-spec.beta * tau).to(v.dtype)))
-    rows = to_rows(v, spec.group)
-    z = (rows / spec.cost - _tau_view(spec, tau)).mul_(spec.beta).to(v.dtype)
-    return from_rows(torch.sigmoid_(z), v.shape, spec.group)
-
-
-def _flat_groups(theta: torch.Tensor, spec: MaskSpec) -> bool:
-    """Whether the N:M groups of ``spec`` can be viewed in ``theta``'s own layout."""
-    return all(s == 1 for s in spec.sizes) and theta.is_contiguous()
-
-
-def _segment_mean(a: torch.Tensor, b: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """Per segment ``sum(b) / sum(a)`` (0 where ``sum(a) = 0``), broadcastable to the grid."""
-    if spec.group is None:
-        num, den = b.sum(), a.sum()
+    if v.is_contiguous():  # the groups in the weight's own layout
+        rows, tau_rows = _group_view(v, spec.group)[0], _tau_groups(tau, v.shape, spec.group)
     else:
-        num = to_rows(b, spec.group).sum(-1, keepdim=True)
-        den = to_rows(a, spec.group).sum(-1, keepdim=True)
-    lam = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
-                      torch.zeros_like(num))
+        rows, tau_rows = to_rows(v, spec.group), _tau_view(spec, tau)
+    z = torch.sigmoid_((rows / spec.cost - tau_rows).mul_(spec.beta).to(v.dtype))
+    return z.view(v.shape) if v.is_contiguous() else from_rows(z, v.shape, spec.group)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, 0 where ``den = 0``."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny),
+                       torch.zeros_like(num))
+
+
+def _subtract_segment_mean(ga: torch.Tensor, a: torch.Tensor, spec: MaskSpec) -> None:
+    """``ga -= a * Lambda`` in place, ``Lambda = sum(ga) / sum(a)`` per segment (0 where
+    ``sum(a) = 0``): the whole tensor, or every N:M group (summed over one dim of a view when
+    both are contiguous, else over the rows of a permuted copy)."""
     if spec.group is None:
-        return lam
-    shape = list(a.shape)
-    return from_rows(lam.expand(-1, spec.group), shape, spec.group)
+        ga.sub_(a * _ratio(ga.sum(), a.sum()))
+    elif ga.is_contiguous() and a.is_contiguous():
+        (g, dim), a_g = _group_view(ga, spec.group), _group_view(a, spec.group)[0]
+        g.sub_(a_g * _ratio(g.sum(dim, keepdim=True), a_g.sum(dim, keepdim=True)))
+    else:
+        lam = _ratio(to_rows(ga, spec.group).sum(-1, keepdim=True),
+                     to_rows(a, spec.group).sum(-1, keepdim=True))
+        ga.sub_(a * from_rows(lam.expand(-1, spec.group), list(a.shape), spec.group))
 
 
 class MaskedWeight(torch.autograd.Function):
@@ -154,40 +150,17 @@ class MaskedWeight(torch.autograd.Function):
             grad_tau = (-spec.beta * b.sum()).reshape(()) if want_tau else None
             torch.copysign(b, grad, out=b)  # a g |theta|, as a >= 0
             return m.mul_(grad).addcmul_(b, spec.beta / spec.cost), grad_tau, None
-        if spec.group is not None and _flat_groups(theta, spec):
-            return _grouped_backward(theta, grad, spec, spec.group, want_tau)
-        # general: blocks, N:M rows of a strided weight, low precision, or the budget term of
-        # local segments
+        # general: blocks, N:M rows, low precision, or the budget term of local segments
         m = soft_mask(theta, spec)
         g_m = block_reduce(grad * theta, spec.sizes).to(m.dtype)  # dL/dm, block grid
         a = m * (1 - m)
         ga = a * g_m
         grad_tau = -(spec.beta * ga.sum(dtype=torch.float64)).reshape(()) if want_tau else None
         if spec.scope == "local":  # dL/dv = (beta/c) a (g_m - Lambda), Lambda the a-mean of g_m
-            ga.sub_(a * _segment_mean(a, ga, spec))
+            _subtract_segment_mean(ga, a, spec)
         dv = ga.mul_((spec.beta / spec.cost).to(ga.dtype))  # dL/dv, block grid
         inter, grid = interleaved(theta.shape, spec.sizes)
         grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
             torch.sign(theta).reshape(inter), dv.reshape(grid))
         return grad_theta.reshape(theta.shape).to(grad.dtype), grad_tau, None
 
-
-def _grouped_backward(theta: torch.Tensor, grad: torch.Tensor, spec: MaskSpec, group: int,
-                      want_tau: bool) -> tuple[torch.Tensor, torch.Tensor | None, None]:
-    """The general backward of :class:`MaskedWeight` for unstructured N:M masks, in the grouped
-    layout of :func:`_grouped`: a group's sums are a reduction over one dim of a view, not over
-    the rows of a permuted copy (about half the ops per layer)."""
-    t, _ = _grouped(theta, spec.tau, group)
-    dim = 1 if theta.dim() == 1 else 2  # the dim of a group's entries
-    m = _grouped_soft_mask(theta, spec, spec.tau, group)
-    g = grad.reshape(t.shape)
-    a = m * (1 - m)
-    ga = a * (g * t).to(m.dtype)  # a dL/dm
-    grad_tau = -(spec.beta * ga.sum(dtype=torch.float64)).reshape(()) if want_tau else None
-    if spec.scope == "local":  # minus a Lambda, Lambda the a-mean of dL/dm over the group
-        # (a saturated group, sum a = 0, has ga = 0 too: Lambda = 0 / tiny = 0)
-        den = a.sum(dim, keepdim=True).clamp_min_(torch.finfo(a.dtype).tiny)
-        ga.sub_(a * ga.sum(dim, keepdim=True).div_(den))
-    dv = ga.mul_((spec.beta / spec.cost).to(ga.dtype))  # dL/dv
-    grad_theta = (g * m).addcmul_(torch.sign(t), dv)
-    return grad_theta.view(theta.shape).to(grad.dtype), grad_tau, None
