@@ -227,9 +227,8 @@ class AllocationSolver:
         """The end of :meth:`solve_each`: the soft thresholds of the Spartan masks of ``each``
         (one Newton solve, a segment each, warm-started from their thresholds), then every
         mask written with its hard mask."""
-        for i, fill in each.fills:
-            m = self.refs[i].mask
-            m.update(torch.full_like(m.hard_mask, fill), threshold=m.threshold)
+        for i, keep in each.fills:
+            self.fill([i], keep)
         refs, pieces, grids = each.refs, each.pieces, each.grids
         soft = [k for k, r in enumerate(refs) if r.mask.method == "spartan"]
         # before this step's hard thresholds are remembered: a mask with a budget of its own
@@ -375,11 +374,11 @@ class AllocationSolver:
         if math.isfinite(threshold):
             self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
 
-    def keep_whole(self, idx: Sequence[int]) -> None:
-        """Every entry of the masks ``idx`` kept (their thresholds as they are)."""
+    def fill(self, idx: Sequence[int], keep: bool) -> None:
+        """Every entry of the masks ``idx`` kept (or dropped), their thresholds as they are."""
         for i in idx:
             m = self.refs[i].mask
-            m.update(torch.ones_like(m.hard_mask), threshold=m.threshold)
+            m.update(torch.full_like(m.hard_mask, keep), threshold=m.threshold)
 
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
                    ) -> tuple[int, float]:
@@ -388,7 +387,7 @@ class AllocationSolver:
         selection and one Newton solve, not one per tensor."""
         budget = density * group
         if budget >= group * (1 - 1e-12):
-            self.keep_whole(idx)
+            self.fill(idx, True)
             return 0, 0.0
         by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
         for i in sorted(idx, key=lambda i: self.refs[i].mask.method != "spartan"):

@@ -81,7 +81,7 @@ def _rounds(solver: AllocationSolver, idx: tuple[int, ...], budget: float, beta:
         violators = []
         for i, k in zip(free, kept, strict=True):
             m = solver.refs[i].mask
-            d = k * m.block_numel / solver.refs[i].theta.numel()
+            d = k * m.block_numel / solver.numels[i]
             if d < low(i) - 1e-12:
                 violators.append((i, low(i)))
             elif d > m.max_density + 1e-12:

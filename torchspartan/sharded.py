@@ -152,21 +152,6 @@ class ShardedSolver(AllocationSolver):
             self.solve_pending(pending)
         return pending
 
-    def solve_pending(self, pending: Pending, extra: Extra | None = None) -> None:
-        """The soft threshold of a prepared budget: a checked Newton solve, its sums
-        all-reduced."""
-        idx, pieces, umax = pending.idx, pending.pieces, pending.umax
-        masks = [self.refs[i].mask for i in idx]
-        if not pieces or umax is None or not any(m.method == "spartan" for m in masks):
-            return
-        budgets = torch.tensor([pending.budget], dtype=torch.float64, device=umax.device)
-        solution = solve_soft(pieces, budgets, unit_max=umax,
-                              tau_init=self.warm_start(idx, masks, pending.beta,
-                                                       pending.hard_threshold),
-                              reduce=self.reduce)
-        pending.solution = solution
-        pending.scalars += [solution.tau[0], solution.error.max()]
-
     def select_each(self, idx: Sequence[int], budgets: Sequence[float], beta: float) -> Each:
         """Masks ``idx[k]``, each alone with its budget (tensors held at a density bound), as one
         problem of one segment per tensor: one sharded selection and one gather of their masks
@@ -215,7 +200,7 @@ class ShardedSolver(AllocationSolver):
         iterations, error = 0, 0.0
         budget = density * group
         if budget >= group * (1 - 1e-12):
-            self.keep_whole(idx)
+            self.fill(idx, True)
             return 0, 0.0
         hards, taus, tau_parts = [], [], []
         for i in idx:
