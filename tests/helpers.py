@@ -80,3 +80,14 @@ def block_expand(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     for dim, s in enumerate(sizes):
         y = y.repeat_interleave(s, dim=dim)
     return y
+
+
+def floored_mlp() -> nn.Module:
+    """An MLP whose default floors bind under a global budget: global magnitude would empty its
+    last two layers, scaled down (the bounded solve and the held route)."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    with torch.no_grad():
+        model[4].weight.mul_(1e-2)
+        model[6].weight.mul_(3e-2)
+    return model

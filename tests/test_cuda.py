@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import batches, convnet, train
+from helpers import batches, convnet, floored_mlp, train
 from torch import nn
 
 import torchspartan as ts
@@ -84,23 +84,13 @@ def test_device_selection_on_cuda_is_the_host_selection() -> None:
         assert torch.equal(mask.cpu(), exact[0]) and float(threshold) == t, (n, count)
 
 
-def _floored_mlp() -> nn.Module:
-    """An MLP whose default floors bind under a global budget (the held route)."""
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-    with torch.no_grad():
-        model[4].weight.mul_(1e-2)
-        model[6].weight.mul_(3e-2)
-    return model
-
-
 @pytest.mark.parametrize("case", ["global", "erk", "uniform", "blocks", "floors", "nm24"])
 def test_sync_free_updates_on_cuda_write_the_cpu_masks(case: str) -> None:
     """Float32 masks on CUDA take the sync-free path by default; its masks are the CPU path's
     (hard masks equal, soft thresholds within the Newton tolerance)."""
     torch.manual_seed(3)
     if case == "floors":
-        model = _floored_mlp()
+        model = floored_mlp()
     else:
         model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                               nn.Linear(256, 16))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import block_expand, block_reduce, block_sizes, convnet, mlp
+from helpers import block_expand, block_reduce, block_sizes, convnet, floored_mlp, mlp
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -566,10 +566,6 @@ def to_groups(mask: torch.Tensor) -> torch.Tensor:
 def floored_twins() -> tuple[nn.Module, nn.Module]:
     """A sparsified MLP whose default floors bind under a global budget, and a copy of it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-    with torch.no_grad():
-        model[4].weight.mul_(1e-2)  # global magnitude would empty this layer: its floor binds
-        model[6].weight.mul_(3e-2)
+    model = floored_mlp()
     ts.sparsify(model)
     return model, copy.deepcopy(model)
