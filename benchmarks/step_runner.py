@@ -149,26 +149,36 @@ class Runner:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def step(self, record: bool = True) -> float:
+    def _train_step(self, mark: Callable[[], None]) -> torch.Tensor:
+        """zero_grad, the forward with the loss, the backward, the optimizer step (through the
+        GradScaler with fp16); ``mark()`` after the loss and after the backward. The loss."""
         fwd = self.forward if self.forward is not None else self.model
-        sync(self.device)
-        t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.loss_fn(fwd(self.x), self.y)
-        sync(self.device)
-        t1 = time.perf_counter()
+        mark()
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        sync(self.device)
-        t2 = time.perf_counter()
+        mark()
         self._marks.clear()
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
             self.opt.step()
-        sync(self.device)
-        t3 = time.perf_counter()
+        return loss
+
+    def step(self, record: bool = True) -> float:
+        """One step timed by phase (the device waited for between phases); the loss."""
+        ticks: list[float] = []
+
+        def mark() -> None:
+            sync(self.device)
+            ticks.append(time.perf_counter())
+
+        mark()
+        loss = self._train_step(mark)
+        mark()
+        t0, t1, t2, t3 = ticks
         optim = self._marks["post"] - self._marks["pre"] if "post" in self._marks else 0.0
         if record:
             for k, v in zip((*PHASES, "total"),
@@ -179,22 +189,12 @@ class Runner:
     def pipelined(self, steps: int) -> float:
         """Seconds per step over ``steps`` steps run back to back: the device is waited for
         once, at the end, and the loss is not read (only the library's own syncs remain)."""
-        fwd = self.forward if self.forward is not None else self.model
         self._by_phase = False
         try:
             sync(self.device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                self.opt.zero_grad(set_to_none=True)
-                with self.autocast():
-                    loss = self.loss_fn(fwd(self.x), self.y)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    self.opt.step()
+                self._train_step(lambda: None)
             sync(self.device)
             return (time.perf_counter() - t0) / steps
         finally:
