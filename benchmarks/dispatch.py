@@ -474,7 +474,7 @@ def measure_config(name: str, label: str, args: argparse.Namespace) -> dict[str,
         names = sparsify_nm(model)
     elif label == "spartan":
         names = sparsify_model(model, spec, args.min_density)
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, fused=args.fused)
     opt: torch.optim.Optimizer = base
     if label == "spartan":
         policy = {"global": ts.Global(), "erk": ts.ERK(), "uniform": ts.Uniform(),
@@ -564,7 +564,8 @@ def render(res: dict[str, Any]) -> str:
         f"- Library at git `{env['git']}`; date {env['date']}",
         f"- One training step (zero_grad, forward, cross-entropy loss, backward, `opt.step()`) "
         f"counted after {res['args']['warmup']} warm-up steps, batch {res['args']['batch']}; "
-        f"base optimizer SGD (lr {res['args']['lr']}, momentum 0.9) for both. Spartan: "
+        f"base optimizer SGD (lr {res['args']['lr']}, momentum 0.9"
+        f"{', fused=True' if res['args'].get('fused') else ''}) for both. Spartan: "
         f"`ts.DualAveraging`, policy `{res['args'].get('policy', 'global')}`, "
         f"total_steps={res['args']['total_steps']}, default "
         f"schedule shapes shifted to start at step {res['args']['start_step']} (mid-anneal: "
@@ -674,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-free", action="store_true",
                     help="count the mask update's sync-free path (the CUDA default) on the CPU")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fused", action="store_true",
+                    help="SGD(fused=True): the finite check is a device flag read with the "
+                         "update's values (one sync fewer)")
     ap.add_argument("--policy", default="global", choices=["global", "erk", "uniform", "nm24"],
                     help="the allocation policy of the Spartan runs (default: ts.Global())")
     ap.add_argument("--min-density", type=float, default=None,

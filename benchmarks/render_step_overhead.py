@@ -49,7 +49,8 @@ def render(res: dict[str, Any]) -> str:
         f"(steps are interleaved and medians reported, so that a change of load hits both "
         f"configurations alike)",
         f"- AMP: {a['amp']}; channels_last: {a['channels_last']}; base optimizer SGD "
-        f"(momentum 0.9, weight decay 1e-4); Spartan: `ts.DualAveraging`, {policy} policy"
+        f"(momentum 0.9, weight decay 1e-4{', fused=True' if a.get('fused') else ''}); "
+        f"Spartan: `ts.DualAveraging`, {policy} policy"
         f"{', check_finite=False' if a.get('no_check_finite') else ''}, "
         f"total_steps=1000, schedules shifted to start at step {a['start_step']} (mid-anneal, "
         f"moving mask); warm-up {a['warmup']} + {a['repeats']} interleaved repeats per "

@@ -68,7 +68,8 @@ def bench_step(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any
     device = torch.device(args.device)
     dense, spartan, info = make_runners(name, batch, device, args.amp, args.start_step,
                                         args.channels_last, policy=args.policy,
-                                        check_finite=not args.no_check_finite)
+                                        check_finite=not args.no_check_finite,
+                                        fused=args.fused)
     log(f"[{name} b{batch}] {info['masked_weights'] / 1e6:.2f}M masked weights in "
         f"{info['masked_tensors']} tensors; warm-up {args.warmup}, repeats {args.repeats}")
     losses: dict[str, list[float]] = {"dense": [], "spartan": []}
@@ -381,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "2:4 at 50%% on every Conv2d/Linear whose dim 1 four divides")
     p.add_argument("--no-check-finite", action="store_true",
                    help="ts.DualAveraging(check_finite=False): no host sync before the base step")
+    p.add_argument("--fused", action="store_true",
+                   help="SGD(fused=True) for both runs: GradScaler and the finite check skip "
+                        "on the device instead of waiting for it")
     p.add_argument("--only", nargs="+",
                    choices=("steps", "memory", "scaling", "compile", "profile"),
                    default=("steps", "memory", "scaling"),

@@ -215,10 +215,12 @@ def sparsify_nm(model: nn.Module) -> list[str]:
 
 def make_runners(name: str, batch: int, device: torch.device, amp: str, start_step: int,
                  channels_last: bool, seed: int = 0, policy: str = "global",
-                 check_finite: bool = True) -> tuple[Runner, Runner, dict[str, Any]]:
+                 check_finite: bool = True, fused: bool = False
+                 ) -> tuple[Runner, Runner, dict[str, Any]]:
     """The dense and Spartan runners of model ``name`` (``policy``: "global" with the model's
     spec, or "nm24": 2:4 at 50%; ``check_finite``: ``ts.DualAveraging``'s check before the
-    base step)."""
+    base step; ``fused``: both base optimizers are ``SGD(fused=True)``, which skips a step on
+    the device, so neither GradScaler nor the check waits for it)."""
     spec = SPECS[name]
     torch.manual_seed(seed)
     dense = build_model(name).to(device)
@@ -232,7 +234,8 @@ def make_runners(name: str, batch: int, device: torch.device, amp: str, start_st
     runners = []
     for label, model in (("dense", dense), ("spartan", spartan)):
         model.train()
-        base = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        base = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4,
+                               fused=fused)
         opt: torch.optim.Optimizer = base
         if label == "spartan":
             opt = make_dual(model, base, 0.5 if policy == "nm24" else spec.sparsity,
@@ -242,7 +245,8 @@ def make_runners(name: str, batch: int, device: torch.device, amp: str, start_st
         runners.append(Runner(label, model, base, opt, device, amp, x, y))
     info = {
         "model": name, "batch": batch, "image": spec.image, "policy": policy,
-        "check_finite": check_finite, "sparsity": 0.5 if policy == "nm24" else spec.sparsity,
+        "check_finite": check_finite, "fused": fused,
+        "sparsity": 0.5 if policy == "nm24" else spec.sparsity,
         "beta_target": spec.beta_target, "block": spec.block, "masked_tensors": len(names),
         "masked_weights": masked_numel(spartan),
         "total_params": sum(p.numel() for p in spartan.parameters()),

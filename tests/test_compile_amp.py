@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import floored_mlp
 from torch import nn
 
 import torchspartan as ts
@@ -275,3 +277,109 @@ def test_autocast_cuda(dtype: torch.dtype) -> None:
 @CUDA
 def test_compiled_aot_eager_matches_eager_cuda(fresh_dynamo: None) -> None:
     compiled_matches_eager("aot_eager", steps=3, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# A base optimizer that skips on the device (fused=True): GradScaler hands over its flag
+# ---------------------------------------------------------------------------------------
+ROUTES = ["global-host", "global-sync-free", "erk-sync-free", "floors-sync-free", "nm24",
+          "blocks-sync-free"]
+
+
+def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10,
+               bad: tuple[int, ...] = (4, 8)) -> tuple[nn.Module, ts.DualAveraging, list[bool]]:
+    """``steps`` float32 steps with a GradScaler (init scale 2**10: the fused step's division
+    by the scale and GradScaler's multiplication by its inverse agree exactly) around a fused
+    SGD; the gradients of the steps ``bad`` overflow (an Inf written into one of them; step 8
+    is in the fine-tuning phase). ``on_device=False``: GradScaler reads its flag on the host
+    and skips the call, as for any other optimizer. Returns whether each step ran the
+    device's skip (the gate)."""
+    torch.manual_seed(0)
+    model = floored_mlp() if route.startswith("floors") else nn.Sequential(
+        nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 12))
+    floors = {} if route.startswith("floors") else {"min_density": 0.0}  # none bind
+    model.to(device)
+    ts.sparsify(model, block=(4, 4) if route.startswith("blocks") else None, **floors)
+    policy = {"erk": ts.ERK(), "nm24": ts.NM(2, 4)}.get(route.split("-")[0], ts.Global())
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    opt = ts.DualAveraging(base, model, sparsity=0.5 if route == "nm24" else 0.9,
+                           total_steps=steps, policy=policy, anneal_fraction=0.5)
+    opt.updater.solver.sync_free = route.endswith("sync-free")
+    if not on_device:
+        opt._step_supports_amp_scaling = False
+    gated: list[bool] = []
+    gate = opt._gate
+
+    def watched() -> torch.Tensor | None:
+        flag = gate()
+        gated.append(flag is not None)
+        return flag
+
+    opt._gate = watched  # type: ignore[method-assign]
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=1000)
+    gen = torch.Generator().manual_seed(0)
+    for s in range(steps):
+        x, y = torch.randn(16, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if s in bad:
+            model[2].parametrizations.weight.original.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+    return model, opt, gated
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_fused_base_skips_overflowing_steps_on_the_device_as_the_host_does(
+        route: str, device: str) -> None:
+    """GradScaler with a fused base optimizer does not read its flag on the host: the step
+    skips the base step and the mask update on the device, and the flag is read with the
+    update's values. The run is the one where GradScaler reads it and skips the call: the same
+    weights, masks, thresholds and base optimizer state, bit for bit, and the same steps
+    skipped (a mid-anneal one and a fine-tuning one)."""
+    a, opt_a, gated = scaled_run(route, on_device=True, device=device)
+    b, opt_b, host = scaled_run(route, on_device=False, device=device)
+    assert gated[0] is False and all(gated[1:])  # the first step decides on the host
+    assert not any(host)
+    assert opt_a._step == opt_b._step == 8 and opt_a.last_record == opt_b.last_record
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    oa, ob = opt_a.state_dict(), opt_b.state_dict()
+    assert oa["spartan"] == ob["spartan"]
+    for k, st in oa["state"].items():
+        assert torch.equal(st["momentum_buffer"], ob["state"][k]["momentum_buffer"]), k
+
+
+def test_a_fused_base_without_a_scaler_refuses_a_non_finite_gradient_on_the_device() -> None:
+    """Without GradScaler, ``check_finite`` becomes part of the device's flag: a NaN gradient
+    skips the base step on the device and then raises, naming the tensor; nothing changed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    ts.sparsify(model)
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+    opt = ts.DualAveraging(base, model, sparsity=0.9, total_steps=10)
+    (x, y), = data(1)
+    x = x.flatten(1)[:, :32]
+    for s in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if s == 2:
+            model[2].parametrizations.weight.original.grad[1, 1] = math.nan
+            weights = copy.deepcopy(model.state_dict())
+            state = copy.deepcopy(base.state_dict())
+            flag = opt._gate()
+            assert flag is not None and float(flag) == 1.0  # decided on the device
+            with pytest.raises(ValueError, match=r"2\.weight has a non-finite gradient"):
+                opt.step()
+        else:
+            opt.step()
+    assert opt._step == 2
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for k, st in state["state"].items():
+        assert torch.equal(base.state_dict()["state"][k]["momentum_buffer"],
+                           st["momentum_buffer"])
+    assert not hasattr(opt, "found_inf")

@@ -78,15 +78,18 @@ def test_sync_detector(bench):
     assert torch.Tensor.tolist is torch._C.TensorBase.tolist
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("policy", [ts.Global, ts.ERK, ts.Uniform])
-def test_sync_free_steps_make_at_most_two_host_syncs(bench, policy):
+def test_sync_free_steps_make_at_most_two_host_syncs(bench, policy, fused):
     """On the sync-free path (the CUDA default, forced on the CPU), a warm Spartan step reads
-    the device twice at most, whatever the policy (budgets of their own are read together)."""
+    the device twice at most, whatever the policy (budgets of their own are read together):
+    the finite check before the base step and the update's values. With a fused base optimizer
+    the finite check is a device flag read with the update's values: one read."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 4))
     ts.sparsify(model)
-    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
     opt = ts.DualAveraging(base, model, sparsity=0.8, total_steps=100, policy=policy())
     opt.updater.solver.sync_free = True
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
@@ -96,7 +99,7 @@ def test_sync_free_steps_make_at_most_two_host_syncs(bench, policy):
     bench.counted_step(model, opt, base, x, y, nn.CrossEntropyLoss(), counter)
     record = opt.last_record
     assert record is not None and record.mask_change > 0  # the masks moved at the counted step
-    assert counter.total_syncs() <= 2, dict(counter.syncs["mask_update"])
+    assert counter.total_syncs() <= (1 if fused else 2), dict(counter.syncs["mask_update"])
     if policy is not ts.Global:  # one batched node computes every masked weight
         assert len(opt.updater.couplings) == 1
 

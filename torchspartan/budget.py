@@ -24,7 +24,7 @@ from torchspartan._device import to_device
 from torchspartan.sparsify import MaskRef
 from torchspartan.state import StepRecord
 
-__all__ = ["Budget", "Counts", "SparsityOf"]
+__all__ = ["Budget", "Counts", "SparsityOf", "StepSkipped"]
 
 SparsityOf = Literal["masked", "model"]
 
@@ -49,6 +49,9 @@ class Budget:
         self.total_numel = sum(p.numel() for p in model.parameters())
         self.unmasked_numel = sum(p.numel() for p in model.parameters() if id(p) not in theta_ids)
         self._ends_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        # a device flag read with the next counts (nonzero: the update is skipped, nothing
+        # written; see :meth:`pass_gate`), set by the caller of one update
+        self.gate: torch.Tensor | None = None
         self.allocatable_cost = sum(
             r.theta.numel() * c for r, c in zip(refs, unit_costs, strict=True)
             if r.mask.method != "fixed"
@@ -122,8 +125,24 @@ class Budget:
             kept_parts.append(torch.stack([count_true(new[i]) for i in rest]))
             order += rest
         kept = kept_parts[0] if len(kept_parts) == 1 else torch.cat(kept_parts)
-        values = torch.cat([torch.stack(changed).to(kept.dtype), kept]).to(torch.float64)
-        return Counts(values, weights, order)
+        parts = [torch.stack(changed).to(kept.dtype), kept]
+        if self.gate is not None:
+            parts.append(self.gate.reshape(1).to(kept.dtype))
+        values = torch.cat(parts).to(torch.float64)
+        return Counts(values, weights, order, gated=self.gate is not None)
+
+    def pass_gate(self, counts: Counts | None = None, values: Sequence[float] = ()) -> None:
+        """Raise :class:`StepSkipped` when the gate is set (nothing may be written then); else
+        clear it. With ``counts`` and their read ``values`` the flag is the one read with them
+        (no host sync); without, it is read now (one sync; for routes that write before they
+        read)."""
+        gate = self.gate
+        if gate is None:
+            return
+        flag = values[-1] if counts is not None and counts.gated else float(gate)
+        self.gate = None
+        if flag:
+            raise StepSkipped()
 
     def record(self, old: Sequence[torch.Tensor], counted: tuple[float, list[float]] | None,
                step: int, target: float, beta: float, iterations: int, error: float,
@@ -135,6 +154,7 @@ class Budget:
         Warns once per tensor (remembered in ``collapsed``) when a mask keeps no entry.
         """
         if counted is None:
+            self.pass_gate()
             counts = self.counts(old, [r.mask.hard_mask for r in self.refs])
             counted = counts.read(counts.values.tolist())
         changed, kept_each = counted
@@ -159,24 +179,34 @@ class Counts:
     values of a step (one host sync for all); :meth:`read` makes host numbers of it.
 
     Attributes:
-        values: float64 ``[changed, per group..., kept, per mask in order...]``.
+        values: float64 ``[changed, per group..., kept, per mask in order..., gate]`` (the
+            gate's flag only when ``gated``: :meth:`Budget.pass_gate`).
         weights: the block size of each changed group (entries per hard-mask entry).
         order: the mask index of each kept entry.
+        gated: whether the last value is the budget's gate flag.
     """
 
     values: torch.Tensor
     weights: list[int]
     order: list[int]
+    gated: bool = False
 
     def read(self, values: Sequence[float]) -> tuple[float, list[float]]:
         """``(changed weight entries, kept hard-mask entries of every mask)`` from ``values``
         (this object's :attr:`values`, read on the host)."""
         g = len(self.weights)
+        if self.gated:
+            values = values[:-1]
         changed = sum(c * w for c, w in zip(values[:g], self.weights, strict=True))
         kept = [0.0] * len(self.order)
         for i, k in zip(self.order, values[g:], strict=True):
             kept[i] = k
         return changed, kept
+
+
+class StepSkipped(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by :meth:`Budget.pass_gate`: the gate's flag was set, so the update wrote nothing
+    (caught by :meth:`~torchspartan.MaskUpdater.update`, which then returns None)."""
 
 
 def _segment_sums(flat: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

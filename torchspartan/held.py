@@ -171,6 +171,7 @@ class HeldUpdate:
         n, k = len(free.scalars), len(self.values)
         values = torch.cat([torch.stack(free.scalars), self.values, counts.values]).tolist() \
             if n else torch.cat([self.values, counts.values]).tolist()
+        budget.pass_gate(counts, values)
         counted: tuple[float, list[float]] | None = counts.read(values[n + k:])
         if counted is None or not self.holds(values[:n], values[n:n + k], counted[1], floors):
             return None

@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torchspartan._checks import (
     is_number,
     whole_number,
 )
+from torchspartan.budget import StepSkipped
 from torchspartan.distributed import ORDER, is_sharded
 from torchspartan.policies import AllocationPolicy
 from torchspartan.schedules import Phases, Schedule, values_at
@@ -181,6 +182,9 @@ class DualAveraging(WrappedOptimizer):
 
     # the mask methods this optimizer trains; ts.TopKAST and ts.RigL (subclasses) train theirs
     methods: tuple[str, ...] = ("spartan", "gmp", "fixed")
+    # whether a fused base optimizer may skip its step on the device (``_gate``); the
+    # subclasses decide on the host (their own steps read the gradients)
+    skips_on_device: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -217,6 +221,10 @@ class DualAveraging(WrappedOptimizer):
                                 f"ts.linear(...)), got {sched!r}")
 
         self.wrap(optimizer)
+        # GradScaler hands such an optimizer its scale and found_inf instead of reading them
+        # (a host sync) and skipping the call: the step skips on the device (``_gate``)
+        self._step_supports_amp_scaling = self.skips_on_device and bool(
+            getattr(optimizer, "_step_supports_amp_scaling", False))
         self.model = model
         self.sparsity = sparsity
         self.total_steps = total_steps
@@ -257,9 +265,11 @@ class DualAveraging(WrappedOptimizer):
                 )
 
     # -- what a method changes in the step (ts.TopKAST and ts.RigL override these) ----------
-    def _update_masks(self, t: int, density: float, beta: float) -> StepRecord:
-        """The mask update after base step ``t`` (``t = 0``: at construction)."""
-        return self.updater.update(density, beta, t)
+    def _update_masks(self, t: int, density: float, beta: float,
+                      skip: torch.Tensor | None = None) -> StepRecord:
+        """The mask update after base step ``t`` (``t = 0``: at construction); ``skip``: the
+        step's device flag (``_gate``)."""
+        return self.updater.update(density, beta, t, skip=skip)
 
     def _before_base_step(self, t: int) -> None:
         """Called after the checks of step ``t``, right before the base optimizer's step."""
@@ -292,6 +302,15 @@ class DualAveraging(WrappedOptimizer):
                 weight (named; nothing changed), or a weight made non-finite by the base
                 optimizer (the masks and the step counter are unchanged; reload a checkpoint).
         """
+        try:
+            return self._checked_step(closure)
+        except BaseException:
+            # GradScaler removes the scale and flag it set here only after a step that returns
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _checked_step(self, closure: Callable[[], float] | None) -> float | None:
         self.updater.check_bindings()
         t = self._step + 1
         density, beta = self._schedules(t)
@@ -303,12 +322,19 @@ class DualAveraging(WrappedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite:
-            check_finite_before(self.updater.refs, self._step + 1)
+        gate = self._gate()
+        if gate is None:
+            found = getattr(self, "found_inf", None)  # GradScaler's, read on the host
+            if found is not None and float(found):
+                return loss  # its skip: nothing changes
+            if self.check_finite:
+                check_finite_before(self.updater.refs, t)
         self._before_base_step(t)
-        self.optimizer.step()
+        self._base_step(gate)
         try:
             if freeze or frozen:  # the masks no longer change: only the step and schedules move
+                if gate is not None and float(gate):
+                    raise StepSkipped()
                 if self.check_finite:
                     check_weights(self.updater.refs, t)  # before the fold into the weights
                 if freeze:
@@ -319,13 +345,79 @@ class DualAveraging(WrappedOptimizer):
                     beta=beta, frozen=True,
                 )
             else:
-                record = self._update_masks(t, density, beta)
+                record = self._update_masks(t, density, beta, gate)
+        except StepSkipped:
+            self._skipped(t)
+            return loss
         except Exception as e:
             raise failed_after_base_step(self.updater.refs, self.optimizer, t, e,
                                          self.check_finite) from e
         self._step = t
         self.last_record = record
         return loss
+
+    # -- a step skipped on the device --------------------------------------------------------
+    def _gate(self) -> torch.Tensor | None:
+        """The step's skip flag on the device, or None when the step decides on the host.
+
+        With a base optimizer that skips on the device (``fused=True``: SGD, Adam, AdamW,
+        Adagrad), the flag is ``GradScaler``'s ``found_inf`` (set on this optimizer by
+        ``GradScaler.step``) and, with ``check_finite``, whether a masked weight (without a
+        scaler: or its gradient) holds NaN or Inf, from one multi-tensor max-norm (exact, no
+        overflow). The base step and the mask update skip on it; the flag is read with the
+        update's own values (:meth:`MaskUpdater.update`), so the step waits for the device
+        once, after everything is queued, instead of before the base step.
+
+        The host decides at the first step (a skipped first fused SGD step would leave its
+        momentum buffers uninitialised), for weights sharded over ranks or spread over devices,
+        and for sparse gradients (refused by the host check, naming the tensor).
+        """
+        if not self._step_supports_amp_scaling or self._step == 0:
+            return None
+        found: torch.Tensor | None = getattr(self, "found_inf", None)
+        if not self.check_finite:
+            return found
+        refs = self.updater.refs
+        tensors = [r.theta for r in refs]
+        if found is None:
+            grads = [r.theta.grad for r in refs]
+            if any(g is None or g.layout != torch.strided for g in grads):
+                return None
+            tensors += grads  # type: ignore[arg-type]
+        if len({t.device for t in tensors}) > 1 or any(is_sharded(t) for t in tensors):
+            return None
+        norms = torch._foreach_norm(tensors, math.inf, dtype=torch.float64)
+        flag = torch.isfinite(torch.stack(norms)).all().logical_not().to(torch.float32)
+        return flag if found is None else torch.maximum(flag, found.to(flag.device))
+
+    def _base_step(self, gate: torch.Tensor | None) -> None:
+        """The base optimizer's step, given GradScaler's scale (the fused step divides it out:
+        GradScaler does not unscale for an optimizer that skips on the device) and the gate
+        (skipped on the device when it is set)."""
+        scale = getattr(self, "grad_scale", None)
+        if gate is None and scale is None:
+            self.optimizer.step()
+            return
+        base = self.optimizer
+        base.grad_scale = scale  # type: ignore[attr-defined]
+        base.found_inf = gate  # type: ignore[attr-defined]
+        try:
+            base.step()
+        finally:
+            del base.grad_scale, base.found_inf  # type: ignore[attr-defined]
+
+    def _skipped(self, t: int) -> None:
+        """After the gate skipped step ``t`` (nothing changed): raise, naming the tensor, when
+        a masked weight or (without GradScaler) a gradient is not finite; else it was
+        GradScaler's skip of a step with inf or NaN in the scaled gradients, as a GradScaler
+        that reads ``found_inf`` on the host does it."""
+        if getattr(self, "found_inf", None) is not None:
+            if self.check_finite:
+                check_weights(self.updater.refs, t)
+            return
+        check_finite_before(self.updater.refs, t)
+        raise RuntimeError(f"step {t} was skipped on the device, but every masked weight and "
+                           f"gradient is finite now; please report this with the model")
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -189,6 +189,7 @@ def update_alone(solver: AllocationSolver, budget: Budget, alone: list[tuple[int
     parts += [torch.stack(scalars)] if scalars else []
     parts += [together.values] if together is not None else []
     values = torch.cat([*parts, counts.values]).tolist()
+    budget.pass_gate(counts, values)
     if not all(values[:len(flags)]):
         check_weights(refs, step)  # raises, naming the tensor (nothing was written)
     start, iterations, error = len(flags), 0, 0.0

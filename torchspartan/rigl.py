@@ -104,6 +104,7 @@ class RigL(DualAveraging):
         0.1
     """
 
+    skips_on_device = False  # its own steps read the gradients
     methods = ("rigl", "fixed")
     delta_t: int
     alpha: float
@@ -179,9 +180,10 @@ class RigL(DualAveraging):
 
     # -- the mask updates ------------------------------------------------------------------
     @torch.no_grad()
-    def _update_masks(self, t: int, density: float, beta: float) -> StepRecord:
+    def _update_masks(self, t: int, density: float, beta: float,
+                      skip: torch.Tensor | None = None) -> StepRecord:
         if t == 0:
-            record = super()._update_masks(t, density, beta)
+            record = super()._update_masks(t, density, beta, skip)
             if self.init == "random":
                 self._place_at_random()
         elif self.is_update_step(t):

@@ -72,6 +72,7 @@ class TopKAST(DualAveraging):
         0.1
     """
 
+    skips_on_device = False  # its own steps read the gradients
     methods = ("topkast", "fixed")
     penalty: float
     backward_ratio: float
@@ -141,8 +142,9 @@ class TopKAST(DualAveraging):
                 return
 
     # -- the two sets ----------------------------------------------------------------------
-    def _update_masks(self, t: int, density: float, beta: float) -> StepRecord:
-        record = super()._update_masks(t, density, beta)
+    def _update_masks(self, t: int, density: float, beta: float,
+                      skip: torch.Tensor | None = None) -> StepRecord:
+        record = super()._update_masks(t, density, beta, skip)
         self.update_backward_sets(min(1.0, density * self.backward_ratio))
         return record
 

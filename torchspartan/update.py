@@ -186,16 +186,29 @@ class MaskUpdater:
 
     # -- the update ----------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, density: float, beta: float, step: int = 0) -> StepRecord:
+    def update(self, density: float, beta: float, step: int = 0,
+               skip: torch.Tensor | None = None) -> StepRecord:
         """Masks for ``density`` (as counted by ``sparsity_of``) and sharpness ``beta``.
 
         Everything is checked before the first mask is written (:meth:`validate`, then the
         weights); when it raises, the masks are as before the call.
 
+        ``skip``: a device flag (e.g. ``GradScaler``'s ``found_inf``), read with the update's
+        own values in the same host sync; when it is nonzero nothing is written and
+        :class:`~torchspartan.budget.StepSkipped` is raised.
+
         Raises:
             TypeError / ValueError: as :meth:`validate`, or a masked weight holding NaN/Inf
                 (named).
+            StepSkipped: ``skip`` was set (the masks are as before the call).
         """
+        self.budget.gate = skip
+        try:
+            return self._update(density, beta, step)
+        finally:
+            self.budget.gate = None
+
+    def _update(self, density: float, beta: float, step: int) -> StepRecord:
         self.check_bindings()
         density, beta = finite_number("density", density), finite_number("beta", beta)
         planned, self._planned = self._planned, None
@@ -211,7 +224,8 @@ class MaskUpdater:
         if not one_solve and not alone:
             # several problems, or none to solve: check every weight before the first mask is
             # written (one solved problem checks its own weights before it writes anything;
-            # update_alone reads its checks with its values)
+            # update_alone reads its checks with its values); the gate first, the same way
+            self.budget.pass_gate()
             check_weights(self.refs, step)
         if not self._costs_written:
             for r, c in zip(self.refs, self.unit_costs, strict=True):
@@ -241,6 +255,7 @@ class MaskUpdater:
                 self.couplings += attach(self.solver, self.couplings, known)
                 self.last_record = record
                 return record
+            self.budget.pass_gate()  # read now, unless a route above read it with its values
             iterations, error = solve_all(self.solver, allocs, self.alloc_index, beta, step,
                                           self.couplings)
             self.couplings = live_couplings(self.couplings)
@@ -291,6 +306,7 @@ class MaskUpdater:
         n = len(pending.scalars)
         values = (torch.cat([torch.stack(pending.scalars), counts.values]).tolist()
                   if n else counts.values.tolist())
+        self.budget.pass_gate(counts, values)
         if floors and self.floors.below(counts.read(values[n:])[1]) and (
                 not pending.scalars or values[0]):
             return None  # a default floor binds
