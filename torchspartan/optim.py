@@ -363,8 +363,8 @@ class DualAveraging(WrappedOptimizer):
         With a base optimizer that skips on the device (``fused=True``: SGD, Adam, AdamW,
         Adagrad), the flag is ``GradScaler``'s ``found_inf`` (set on this optimizer by
         ``GradScaler.step``) and, with ``check_finite``, whether a masked weight (without a
-        scaler: or its gradient) holds NaN or Inf, from one multi-tensor max-norm (exact, no
-        overflow). The base step and the mask update skip on it; the flag is read with the
+        scaler: or its gradient) holds NaN or Inf, from one multi-tensor max-norm (exact: it
+        cannot overflow). The base step and the mask update skip on it; the flag is read with the
         update's own values (:meth:`MaskUpdater.update`), so the step waits for the device
         once, after everything is queued, instead of before the base step.
 
@@ -386,7 +386,7 @@ class DualAveraging(WrappedOptimizer):
             tensors += grads  # type: ignore[arg-type]
         if len({t.device for t in tensors}) > 1 or any(is_sharded(t) for t in tensors):
             return None
-        norms = torch._foreach_norm(tensors, math.inf, dtype=torch.float64)
+        norms = torch._foreach_norm(tensors, math.inf)  # max |x|: exact in any dtype
         flag = torch.isfinite(torch.stack(norms)).all().logical_not().to(torch.float32)
         return flag if found is None else torch.maximum(flag, found.to(flag.device))
 
