@@ -153,6 +153,11 @@ class DualAveraging(WrappedOptimizer):
             giving bad values at step 0, or masked weights holding NaN/Inf. Nothing is changed
             then.
 
+    On a GPU, give it a base optimizer that can skip its step on the device (``fused=True``:
+    SGD, Adam, AdamW, Adagrad). ``torch.amp.GradScaler`` and the ``check_finite`` check then make
+    no host read before the base step: the step's flag is read with the mask update's values,
+    once per step, and a flagged step changes nothing, as GradScaler's own skip does.
+
     ``step()`` is all or nothing up to the base optimizer: every check (the masks' bindings,
     the schedules' values, the budget and the policy's allocations, finite gradients and
     weights, after a ``closure`` has run) comes before anything changes. When the base

@@ -38,11 +38,15 @@ def peak_lr(args: argparse.Namespace, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
-    """The base optimizer (``--opt``); no weight decay on biases and normalisation layers."""
+    """The base optimizer (``--opt``); no weight decay on biases and normalisation layers.
+    Fused on CUDA: it skips a step on the device, so neither the GradScaler nor
+    ``ts.DualAveraging``'s finite check waits for the backward (docs/design.md)."""
     groups = param_groups(model, args.weight_decay, masked_decay=args.method != "topkast")
+    fused = all(p.is_cuda for p in model.parameters())
     if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=args.nesterov)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=args.nesterov,
+                               fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 def build_training(
