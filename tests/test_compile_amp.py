@@ -284,7 +284,7 @@ def test_compiled_aot_eager_matches_eager_cuda(fresh_dynamo: None) -> None:
 # A base optimizer that skips on the device (fused=True): GradScaler hands over its flag
 # ---------------------------------------------------------------------------------------
 ROUTES = ["global-host", "global-sync-free", "erk-sync-free", "floors-sync-free", "nm24",
-          "blocks-sync-free"]
+          "blocks-sync-free", "clipped-sync-free"]
 
 
 def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10,
@@ -293,8 +293,9 @@ def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10
     by the scale and GradScaler's multiplication by its inverse agree exactly) around a fused
     SGD; the gradients of the steps ``bad`` overflow (an Inf written into one of them; step 8
     is in the fine-tuning phase). ``on_device=False``: GradScaler reads its flag on the host
-    and skips the call, as for any other optimizer. Returns whether each step ran the
-    device's skip (the gate)."""
+    and skips the call, as for any other optimizer. Route "clipped": the gradients are
+    unscaled (``scaler.unscale_``) and clipped before the step, as the ImageNet recipe does.
+    Returns whether each step ran the device's skip (the gate)."""
     torch.manual_seed(0)
     model = floored_mlp() if route.startswith("floors") else nn.Sequential(
         nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 12))
@@ -326,6 +327,9 @@ def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10
         scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
         if s in bad:
             model[2].parametrizations.weight.original.grad[0, 0] = math.inf
+        if route.startswith("clipped"):
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         scaler.step(opt)
         scaler.update()
     return model, opt, gated
