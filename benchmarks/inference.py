@@ -57,7 +57,8 @@ from machine import cpu_name  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.benchmark import Timer  # noqa: E402
 
-from torchspartan.export import save_sparse, to_sparse  # noqa: E402
+from torchspartan.export import to_sparse  # noqa: E402
+from torchspartan.sparse_checkpoint import save_sparse  # noqa: E402
 
 ANCHORS = (
     "Published anchors (GPU, not measured here): block-sparse ViT MLP at 90% sparsity, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,17 +19,10 @@ import torch
 from torch import nn
 
 import torchspartan as ts
-import torchspartan.export as export_module
-from torchspartan.export import (
-    CheckpointInfo,
-    ExportReport,
-    SparseConv2d,
-    SparseLinear,
-    export_report,
-    load_sparse,
-    save_sparse,
-    to_sparse,
-)
+from torchspartan.cost_report import ExportReport, export_report
+from torchspartan.export import to_sparse
+from torchspartan.sparse_checkpoint import CheckpointInfo, load_sparse, save_sparse
+from torchspartan.sparse_layers import SparseConv2d, SparseLinear
 
 torch.set_flush_denormal(True)
 CUDA = torch.cuda.is_available()
@@ -500,11 +494,13 @@ def test_end_to_end_sparsify_train_finalize_export(tmp_path: Path) -> None:
     assert export_report(model, x).flop_reduction > 3
 
 
-def test_docstring_examples() -> None:
-    result = doctest.testmod(export_module,
-                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0, f"{result.failed} doctest failures in torchspartan.export"
+@pytest.mark.parametrize("name", ["torchspartan.sparse_layers", "torchspartan.export",
+                                  "torchspartan.sparse_checkpoint", "torchspartan.cost_report"])
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"no examples found in {name}"
+    assert result.failed == 0, f"{result.failed} doctest failures in {name}"
 
 
 def test_sparsity_report_carries_flops_and_bytes() -> None:

@@ -18,18 +18,9 @@ One flat namespace::
 docs/design.md in the repository explains the maths and who owns which state.
 """
 
+from torchspartan.cost_report import ExportReport, export_report
 from torchspartan.dcp import load_sharded_state_dict, sharded_state_dict
-from torchspartan.export import (
-    CheckpointInfo,
-    ExportReport,
-    ExportSummary,
-    SparseConv2d,
-    SparseLinear,
-    export_report,
-    load_sparse,
-    save_sparse,
-    to_sparse,
-)
+from torchspartan.export import ExportSummary, to_sparse
 from torchspartan.mask import SpartanMask
 from torchspartan.optim import DualAveraging
 from torchspartan.policies import (
@@ -48,6 +39,8 @@ from torchspartan.policies import (
 from torchspartan.report import SparsityReport, finalize, sparsity_report
 from torchspartan.rigl import RigL
 from torchspartan.schedules import constant, cosine, linear
+from torchspartan.sparse_checkpoint import CheckpointInfo, load_sparse, save_sparse
+from torchspartan.sparse_layers import SparseConv2d, SparseLinear
 from torchspartan.sparsify import MaskRef, find_masks, sparsify
 from torchspartan.topk import SoftTopK, SoftTopKResult, hard_topk, soft_topk
 from torchspartan.topkast import TopKAST

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchspartan.export import ExportReport, export_report
+from torchspartan.cost_report import ExportReport, export_report
 from torchspartan.sparsify import MaskRef, find_masks
 
 __all__ = ["SparsityReport", "SparsityRow", "finalize", "sparsity_report"]
