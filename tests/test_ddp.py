@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,11 +27,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _build() -> tuple[nn.Module, ts.DualAveraging]:
+def _build(fused: bool) -> tuple[nn.Module, ts.DualAveraging]:
     model = convnet(dtype=torch.float64)
     ts.sparsify(model)
-    opt = ts.DualAveraging(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                           sparsity=0.8, total_steps=STEPS)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
+    opt = ts.DualAveraging(base, model, sparsity=0.8, total_steps=STEPS)
     return model, opt
 
 
@@ -38,12 +39,12 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, fused: bool) -> None:
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    model, opt = _build()
+    model, opt = _build(fused)
     ddp = nn.parallel.DistributedDataParallel(model)
     for x, y in batches(STEPS, (1, 7, 7), batch=8):
         sl = slice(4 * rank, 4 * rank + 4)
@@ -54,12 +55,15 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_ddp_two_ranks_match_single_process(tmp_path: Path, fused: bool) -> None:
+    """``fused``: the base step skips on the device, the finite check is read with the mask
+    update's values (``DualAveraging._gate``) on every rank."""
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), fused), nprocs=2,
                        start_method="spawn", join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    model, opt = _build()
+    model, opt = _build(fused)
     for x, y in batches(STEPS, (1, 7, 7), batch=8):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
