@@ -569,3 +569,41 @@ def floored_twins() -> tuple[nn.Module, nn.Module]:
     model = floored_mlp()
     ts.sparsify(model)
     return model, copy.deepcopy(model)
+
+
+def test_the_batched_node_follows_in_place_changes_of_each_mask() -> None:
+    """The batched node is computed once for every layer of a forward pass (and for every
+    forward of a step), and again when a mask's own weight or hard mask changed: each layer's
+    weight is then what its mask computes alone, never a stale one."""
+    torch.manual_seed(0)
+    model = mlp(width=8)
+    ts.sparsify(model)
+    updater = ts.MaskUpdater(model)
+    updater.update(0.4, 3.0)
+    (node,) = updater.couplings
+    refs = ts.find_masks(model)
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def weights() -> list[torch.Tensor]:
+        return [getattr(r.module, r.tensor_name) for r in refs]
+
+    first = weights()
+    assert all(a is b for a, b in zip(first, weights(), strict=True))  # one node, kept
+    model(x)
+    alone = [r.mask.factor(r.theta) * r.theta for r in refs]
+    for r, w, a in zip(refs, first, alone, strict=True):
+        torch.testing.assert_close(w, a, rtol=1e-12, atol=0, msg=r.name)
+    last = refs[-1]
+    with torch.no_grad():  # the last layer's own weight, then the first mask's hard mask
+        last.theta.mul_(2.0)
+    w = weights()
+    assert w[-1] is not first[-1]
+    torch.testing.assert_close(w[-1], last.mask.factor(last.theta) * last.theta, rtol=1e-12,
+                               atol=0)
+    first_mask = refs[0].mask
+    first_mask.update(~first_mask.hard_mask, threshold=first_mask.threshold,
+                      beta=float(first_mask.beta), scope="shared", coupling=node)
+    w0 = getattr(refs[0].module, refs[0].tensor_name)
+    assert w0 is not w[0]
+    torch.testing.assert_close(w0, first_mask.factor(refs[0].theta) * refs[0].theta,
+                               rtol=1e-12, atol=0)

@@ -41,6 +41,7 @@ class BoundMask(Protocol):
     """What a coupling needs of a mask (``ts.SpartanMask`` provides it)."""
 
     threshold: torch.Tensor
+    hard_mask: torch.Tensor
 
     def spec(self) -> MaskSpec: ...
 
@@ -71,7 +72,9 @@ class Coupling:
         self.local_thetas: list[torch.Tensor] = []
         self._index = {id(m): k for k, m in enumerate(self.masks)}
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._weights: tuple[tuple[int, ...], bool, tuple[torch.Tensor, ...]] | None = None
+        # the batched node's outputs: what each was computed from (``_stamp``), the grad mode
+        self._weights: tuple[tuple[tuple[int, int], ...], bool, tuple[torch.Tensor, ...]] | None \
+            = None
 
     def _key(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.thetas + self.local_thetas) + tuple(
@@ -80,7 +83,20 @@ class Coupling:
     def owns(self, mask: BoundMask, theta: torch.Tensor) -> bool:
         """Whether ``theta`` is the weight this coupling holds for ``mask``."""
         k = self._index.get(id(mask))
-        return k is not None and (self.thetas + self.local_thetas)[k] is theta
+        return k is not None and self._member(k)[1] is theta
+
+    def _member(self, k: int) -> tuple[BoundMask, torch.Tensor]:
+        """The ``k``-th mask and weight (the segment's, then the attached ones)."""
+        n = len(self.masks)
+        return (self.masks[k], self.thetas[k]) if k < n else (
+            self.locals[k - n], self.local_thetas[k - n])
+
+    def _stamp(self, k: int) -> tuple[int, int]:
+        """What the ``k``-th masked weight is computed from, as it is now: the weight's version
+        and the hard mask (identity). The thresholds are the node's own numbers
+        (``Batched.offsets``), fixed when the node was made."""
+        mask, theta = self._member(k)
+        return (theta._version, id(mask.hard_mask))
 
     def attach(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
                betas: Sequence[float], costs: Sequence[float], taus: Sequence[float],
@@ -105,9 +121,14 @@ class Coupling:
 
     @torch.compiler.disable
     def weight(self, mask: BoundMask) -> torch.Tensor:
-        """``mask``'s masked weight ``theta * m * h``, from one batched node over the segment."""
-        key, grad = self._key(), torch.is_grad_enabled()
-        if self._weights is None or self._weights[0] != key or self._weights[1] != grad:
+        """``mask``'s masked weight ``theta * m * h``, from one batched node over the segment.
+
+        The node is computed again when what this mask's weight depends on changed since (its
+        weight or hard mask; checked per mask, so that the layers of a forward pass do not each
+        check every tensor of the segment) or the grad mode did."""
+        k, grad = self._index[id(mask)], torch.is_grad_enabled()
+        cached = self._weights
+        if cached is None or cached[1] != grad or cached[0][k] != self._stamp(k):
             if self.batched is None:
                 raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
             thetas = self.thetas + self.local_thetas
@@ -121,8 +142,9 @@ class Coupling:
             else:
                 with torch.no_grad():
                     ws = _batched_forward(info, thetas)
-            self._weights = (key, grad, tuple(ws))
-        return self._weights[2][self._index[id(mask)]]
+            stamps = tuple(self._stamp(j) for j in range(len(thetas)))
+            self._weights = cached = (stamps, grad, tuple(ws))
+        return cached[2][k]
 
     @torch.compiler.disable
     def threshold(self) -> torch.Tensor:

@@ -138,15 +138,18 @@ class SpartanMask(nn.Module):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         if self.hard_mask is None:
             self.right_inverse(theta)
+        coupling = self._coupling
+        # a soft Spartan mask in a batched node: its weight, computed with the segment's
+        # (checked before spec(), which every layer of every forward pass would pay)
+        if (coupling is not None and coupling.batched and self._scope != "none"
+                and self.soft_active and self.method == "spartan" and not self.is_frozen
+                and coupling.owns(self, theta)):
+            return coupling.weight(self)  # compiler-disabled
         spec = self.spec()
         tau: torch.Tensor | None = None
-        coupling = self._coupling
-        if coupling is not None and spec.scope != "none" and spec.soft and (
-                spec.method == "spartan"):
-            if coupling.batched and coupling.owns(self, theta):
-                return coupling.weight(self)  # compiler-disabled
-            if spec.scope == "shared" and torch.is_grad_enabled() and theta.requires_grad:
-                tau = coupling.threshold()  # compiler-disabled
+        if coupling is not None and spec.scope == "shared" and spec.soft and (
+                spec.method == "spartan") and torch.is_grad_enabled() and theta.requires_grad:
+            tau = coupling.threshold()  # compiler-disabled
         return MaskedWeight.apply(theta, tau, spec)
 
     # -- state, written through update / freeze ---------------------------------------
