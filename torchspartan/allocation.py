@@ -58,6 +58,8 @@ class AllocationSolver:
         self.refs = list(refs)
         self.unit_costs = list(unit_costs)
         self.numels = [r.theta.numel() for r in self.refs]  # of the whole tensors, for good
+        # the masked Parameters (the updater's binding check refuses a replaced one)
+        self.thetas = [r.theta for r in self.refs]
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
@@ -85,7 +87,7 @@ class AllocationSolver:
         when every mask is Spartan (unstructured or blocks) with one dtype (float32/float64)
         and one device."""
         masks = [self.refs[i].mask for i in idx]
-        thetas = [self.refs[i].theta for i in idx]
+        thetas = [self.thetas[i] for i in idx]
         batched = None
         if all(m.method == "spartan" and m.threshold.dim() == 0 for m in masks) and len(
                 {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
@@ -94,7 +96,7 @@ class AllocationSolver:
             costs = [self.unit_costs[i] * self.refs[i].mask.block_numel for i in idx]
             batched = Batched(betas, [b / c for b, c in zip(betas, costs, strict=True)],
                               [-(b * tau) for b in betas],
-                              [self.refs[i].mask.spec().sizes for i in idx])
+                              [self.refs[i].mask.sizes for i in idx])
         return Coupling(masks, thetas, slope, batched=batched, views=self.views)
 
     def restore(self, idx: Sequence[int], slope: float) -> Coupling:
@@ -123,10 +125,9 @@ class AllocationSolver:
         one multi-tensor ``abs``, a view per tensor, one copy, one division (no copy for one
         tensor)."""
         refs = [self.refs[i] for i in run]
-        sizes = [r.mask.spec().sizes for r in refs]
         absolute = torch._foreach_abs([
-            self.views.of(r.theta, s) if r.mask.block is not None else r.theta
-            for r, s in zip(refs, sizes, strict=True)])
+            self.views.of(self.thetas[i], r.mask.sizes) if r.mask.block is not None
+            else self.thetas[i] for i, r in zip(run, refs, strict=True)])
         flat = [a.sum(dim=tuple(range(1, a.dim(), 2))).reshape(-1) if r.mask.block is not None
                 else a.reshape(-1) for a, r in zip(absolute, refs, strict=True)]
         return self.per_cost(run, flat[0] if len(flat) == 1 else torch.cat(flat))
@@ -137,7 +138,7 @@ class AllocationSolver:
         ``(tensors, grid entries)`` buffer: one stack, one ``abs``, one block sum, one division
         (not a block sum and a view per tensor)."""
         refs = [self.refs[i] for i in run]
-        x = torch.stack([self.views.of(r.theta, r.mask.spec().sizes) for r in refs]).abs_()
+        x = torch.stack([self.views.of(r.theta, r.mask.sizes) for r in refs]).abs_()
         return self.per_cost(run, x.sum(dim=tuple(range(2, x.dim(), 2))).view(len(run), -1))
 
     def per_cost(self, run: Sequence[int], v: torch.Tensor) -> torch.Tensor:
@@ -155,10 +156,10 @@ class AllocationSolver:
         runs: list[list[int]] = []
         keys: list[tuple[float, float, torch.dtype]] = []
         pack = self.sync_free if self.sync_free is not None else (
-            self.refs[idx[0]].theta.device.type != "cpu")
+            self.thetas[idx[0]].device.type != "cpu")
         for i in idx:
             r = self.refs[i]
-            dtype = torch.float64 if r.theta.dtype == torch.float64 else torch.float32
+            dtype = torch.float64 if self.thetas[i].dtype == torch.float64 else torch.float32
             key = (self.unit_costs[i] * r.mask.block_numel, math.sqrt(r.mask.block_numel), dtype)
             if pack and keys and keys[-1] == key:
                 runs[-1].append(i)

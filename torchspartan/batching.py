@@ -67,5 +67,5 @@ def attach(solver: AllocationSolver, couplings: Sequence[Coupling],
                      [known[i][1] for i in ids],
                      [solver.unit_costs[i] * r.mask.block_numel for i, r in zip(ids, refs,
                                                                               strict=True)],
-                     [known[i][0] for i in ids], [r.mask.spec().sizes for r in refs])
+                     [known[i][0] for i in ids], [r.mask.sizes for r in refs])
     return made

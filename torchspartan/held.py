@@ -49,7 +49,7 @@ class HeldUpdate:
 
         def kind(i: int) -> tuple[tuple[int, ...], tuple[int, ...], float]:  # rows of a piece
             r = refs[i]
-            return (tuple(r.theta.shape), r.mask.spec().sizes, solver.unit_costs[i])
+            return (tuple(r.theta.shape), r.mask.sizes, solver.unit_costs[i])
 
         # one group per (weight shape, block sizes, cost), stacked as the rows of one buffer:
         # segment k is the k-th held tensor in this order

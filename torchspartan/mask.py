@@ -196,7 +196,9 @@ class SpartanMask(nn.Module):
 
     def _bind_state(self, hard_mask: torch.Tensor, beta: float, scope: Scope,
                     coupling: Coupling | None) -> None:
-        self.hard_mask = hard_mask
+        # the buffer's slot itself: nn.Module.__setattr__ re-registers the buffer, which every
+        # mask pays at every update (the tensor's shape and dtype were checked: _check_hard)
+        self._buffers["hard_mask"] = hard_mask
         if self._coupling is not None and self._coupling is not coupling:
             self._coupling._cache = None
         self._set_plain(soft_active=beta > 0, _coupling=coupling,
@@ -238,7 +240,7 @@ class SpartanMask(nn.Module):
         """Fine-tuning: fold ``theta <- theta * m * h`` once; then ``w = theta * h`` for good.
         ``fold=False``: the caller has folded ``theta`` (a sharded weight, shard by shard)."""
         if fold:
-            theta.copy_(block_mul(theta, self.factor(theta), self.spec().sizes))
+            theta.copy_(block_mul(theta, self.factor(theta), self.sizes))
         self.update(self.hard_mask, threshold=self.threshold, beta=0.0)
         self.frozen.fill_(True)
         self.is_frozen = True
@@ -248,9 +250,14 @@ class SpartanMask(nn.Module):
         self.frozen.fill_(False)
         self.is_frozen = False
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The block size along every dimension of the weight (1 where it is not blocked)."""
+        return block_sizes(self.hard_mask.shape, self.block)
+
     def spec(self) -> MaskSpec:
         """The per-step description the weight function computes with."""
-        sizes = block_sizes(self.hard_mask.shape, self.block)
+        sizes = self.sizes
         method = "masked" if (self.is_frozen or self.method == "fixed") else self.method
         group = None
         if self.threshold.dim() == 1:

@@ -382,10 +382,9 @@ class DualAveraging(WrappedOptimizer):
         found: torch.Tensor | None = getattr(self, "found_inf", None)
         if not self.check_finite:
             return found
-        refs = self.updater.refs
-        tensors = [r.theta for r in refs]
+        tensors = list(self.updater.solver.thetas)
         if found is None:
-            grads = [r.theta.grad for r in refs]
+            grads = [t.grad for t in tensors]
             if any(g is None or g.layout != torch.strided for g in grads):
                 return None
             tensors += grads  # type: ignore[arg-type]

@@ -213,7 +213,7 @@ class RigL(DualAveraging):
                 continue
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(grad)
-            sizes = r.mask.spec().sizes
+            sizes = r.mask.sizes
             hard = r.mask.hard_mask
             k = math.floor(fraction * int(hard.sum()))
             new, _, grown = drop_grow(hard, block_reduce(r.theta.detach().abs(), sizes),

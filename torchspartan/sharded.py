@@ -109,7 +109,7 @@ class ShardedSolver(AllocationSolver):
         if local.shape[0] == 0:
             dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
             return torch.empty(0, dtype=dtype, device=local.device), None
-        v = block_reduce(local.abs(), self.refs[i].mask.spec().sizes)
+        v = block_reduce(local.abs(), self.refs[i].mask.sizes)
         return self.per_cost(run, v.reshape(-1)), None
 
     def pieces(self, idx: Sequence[int], beta: float) -> tuple[list[Piece], list[list[int]]]:

@@ -185,7 +185,7 @@ class TopKAST(DualAveraging):
                 continue
             a_set, b_set = m.hard_mask, m.backward_mask
             c = a_set.to(r.theta.dtype) + (b_set & ~a_set).to(r.theta.dtype) / d
-            out.append((r.theta, c, m.spec().sizes))
+            out.append((r.theta, c, m.sizes))
         return out
 
     def exploration_penalty(self) -> torch.Tensor:
