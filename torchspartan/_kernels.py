@@ -163,4 +163,3 @@ class MaskedWeight(torch.autograd.Function):
         grad_theta = (grad.reshape(inter) * m.reshape(grid)).addcmul_(
             torch.sign(theta).reshape(inter), dv.reshape(grid))
         return grad_theta.reshape(theta.shape).to(grad.dtype), grad_tau, None
-

@@ -57,9 +57,10 @@ class AllocationSolver:
                  sync_free: bool | None = None) -> None:
         self.refs = list(refs)
         self.unit_costs = list(unit_costs)
-        self.numels = [r.theta.numel() for r in self.refs]  # of the whole tensors, for good
-        # the masked Parameters (the updater's binding check refuses a replaced one)
+        # the masked Parameters (the updater's binding check refuses a replaced one) and their
+        # sizes (of the whole tensors, also when sharded)
         self.thetas = [r.theta for r in self.refs]
+        self.numels = [t.numel() for t in self.thetas]
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
@@ -137,8 +138,8 @@ class AllocationSolver:
         """:meth:`units` of masks of one weight shape, block and entry cost, as the rows of one
         ``(tensors, grid entries)`` buffer: one stack, one ``abs``, one block sum, one division
         (not a block sum and a view per tensor)."""
-        refs = [self.refs[i] for i in run]
-        x = torch.stack([self.views.of(r.theta, r.mask.sizes) for r in refs]).abs_()
+        x = torch.stack([self.views.of(self.thetas[i], self.refs[i].mask.sizes)
+                         for i in run]).abs_()
         return self.per_cost(run, x.sum(dim=tuple(range(2, x.dim(), 2))).view(len(run), -1))
 
     def per_cost(self, run: Sequence[int], v: torch.Tensor) -> torch.Tensor:
@@ -176,11 +177,11 @@ class AllocationSolver:
     def units_and_max(self, run: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`packed_units` of the masks ``run`` and, for one unstructured float32/float64
         tensor, its largest unit value, read with the units (``_chunks.abs_max``)."""
-        r = self.refs[run[0]]
-        if len(run) > 1 or r.mask.block is not None or r.theta.dtype not in (torch.float32,
-                                                                             torch.float64):
+        theta = self.thetas[run[0]]
+        if len(run) > 1 or self.refs[run[0]].mask.block is not None or theta.dtype not in (
+                torch.float32, torch.float64):
             return self.packed_units(run), None
-        units, top = abs_max(r.theta)
+        units, top = abs_max(theta)
         cost = self.unit_costs[run[0]]
         # a division by a positive number keeps the order: the largest quotient is max / cost
         return self.per_cost(run, units), top if cost == 1.0 else top.div_(cost)

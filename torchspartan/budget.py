@@ -154,7 +154,6 @@ class Budget:
         Warns once per tensor (remembered in ``collapsed``) when a mask keeps no entry.
         """
         if counted is None:
-            self.pass_gate()
             counts = self.counts(old, [r.mask.hard_mask for r in self.refs])
             counted = counts.read(counts.values.tolist())
         changed, kept_each = counted
@@ -206,7 +205,8 @@ class Counts:
 
 class StepSkipped(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by :meth:`Budget.pass_gate`: the gate's flag was set, so the update wrote nothing
-    (caught by :meth:`~torchspartan.MaskUpdater.update`, which then returns None)."""
+    (:meth:`~torchspartan.MaskUpdater.update` raises it on, after restoring its couplings;
+    :class:`~torchspartan.DualAveraging` catches it and skips the step)."""
 
 
 def _segment_sums(flat: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
