@@ -315,6 +315,8 @@ def _corrupt(sd: dict[str, Any], how: str) -> dict[str, Any]:
         sp["updater"]["couplings"][0]["slope"] = math.nan
     elif how == "hint":
         sp["updater"]["hints"] = [[[0, 1, 2], ["x"]]]
+    elif how == "offset":
+        sp["updater"]["offsets"] = [[[0, 1, 2], [0.1, math.inf]]]
     elif how == "updater version":
         sp["updater"]["version"] = 9
     elif how == "layers":
@@ -333,6 +335,7 @@ def _corrupt(sd: dict[str, Any], how: str) -> dict[str, Any]:
     ("step", "step must be an integer"), ("record", "density='high'"),
     ("record field", "malformed step record"), ("coupling index", "malformed coupling"),
     ("coupling slope", "malformed coupling"), ("hint", "malformed hint"),
+    ("offset", "malformed offset"),
     ("updater version", "updater state has version 9"), ("layers", "different model"),
     ("groups", "2 parameter groups"), ("group size", "parameter group 0 of the state dict"),
     ("keys", "must have the keys"),
@@ -366,7 +369,7 @@ def test_mask_updater_state_is_validated_whole() -> None:
     updater = ts.MaskUpdater(model)
     updater.update(0.5, 4.0)
     good = updater.state_dict()
-    assert good["version"] == 2
+    assert good["version"] == 3
     updater.update(0.3, 5.0)
     before = updater.state_dict()
     bad = copy.deepcopy(good)

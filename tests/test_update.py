@@ -607,3 +607,28 @@ def test_the_batched_node_follows_in_place_changes_of_each_mask() -> None:
     assert w0 is not w[0]
     torch.testing.assert_close(w0, first_mask.factor(refs[0].theta) * refs[0].theta,
                                rtol=1e-12, atol=0)
+
+
+def test_newton_starts_follow_the_drift_of_the_soft_thresholds_offset() -> None:
+    # mid-anneal the offset beta (tau - h) of the soft threshold from the hard one moves about
+    # the same amount every step: the start that extrapolates it needs fewer evaluations than
+    # the one that keeps it, and lands about the same tau
+    def anneal(drift: bool) -> tuple[list[int], list[float]]:
+        torch.manual_seed(3)
+        model = mlp(width=64)
+        ts.sparsify(model, min_density=0.0)
+        updater = ts.MaskUpdater(model)
+        if not drift:
+            updater.solver.drift = lambda idx: 0.0  # type: ignore[method-assign]
+        evaluations, taus = [], []
+        for t in range(8):
+            record = updater.update(density=0.6 - 0.03 * t, beta=2.0 + 0.2 * t)
+            evaluations.append(record.iterations)
+            taus.append(float(ts.find_masks(model)[0].mask.threshold))
+            assert record.budget_error <= 1e-6
+        return evaluations, taus
+
+    with_drift, taus = anneal(True)
+    without, taus_without = anneal(False)
+    assert sum(with_drift[3:]) < sum(without[3:]), (with_drift, without)
+    assert taus == pytest.approx(taus_without, rel=1e-4)

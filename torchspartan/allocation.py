@@ -50,6 +50,11 @@ class AllocationSolver:
     Attributes:
         hints: the last two hard thresholds of every shared budget (keyed by its mask indices):
             their linear extrapolation narrows the next selection (exact whatever the guess).
+        offsets: the offsets ``beta (tau - h)`` of the soft thresholds from the hard ones of
+            the budgets solved by the last update, with their offset of the update before when
+            they were solved then too (host numbers, read with the step's other values): their
+            drift moves the next Newton start (:meth:`warm_start`). :meth:`new_update` starts
+            an update's record.
     """
 
     def __init__(self, refs: Sequence[MaskRef], unit_costs: Sequence[float],
@@ -64,6 +69,8 @@ class AllocationSolver:
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
+        self.offsets: dict[tuple[int, ...], list[float]] = {}
+        self._offsets_before: dict[tuple[int, ...], list[float]] = {}
         # per packed run: the flat hard mask last written, and the views the masks got of it
         self.written: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         # default floors (a density per mask index) that hold in budgets shared with others
@@ -251,11 +258,13 @@ class AllocationSolver:
                 unit_max=each.umax[soft], reduce=self.reduce,
                 tau_init=None if any(t is None for t in starts) else torch.cat(
                     [t for t in starts if t is not None]))
-            iterations, error = solution.evaluations, float(solution.error.max())
+            read = torch.cat([solution.error.max().reshape(1), solution.tau]).tolist()
+            iterations, error = solution.evaluations, read[0]
             for j, k in enumerate(soft):
-                refs[k].mask.update(grids[k], threshold=solution.tau[j],
-                                    beta=beta * math.sqrt(refs[k].mask.block_numel),
+                beta_k = beta * math.sqrt(refs[k].mask.block_numel)
+                refs[k].mask.update(grids[k], threshold=solution.tau[j], beta=beta_k,
                                     scope="local")
+                self.remember_offset((each.ids[k],), read[1 + j], each.thresholds[k], beta_k)
         for k, r in enumerate(refs):
             if r.mask.method != "spartan":
                 r.mask.update(grids[k], threshold=r.mask.threshold)
@@ -350,9 +359,9 @@ class AllocationSolver:
                    hard: float | torch.Tensor) -> torch.Tensor | None:
         """The Newton start of budget ``idx``'s soft threshold (``(1,)``, on the masks' device)
         when its masks are warm, given this step's hard threshold ``hard``: last step's ``tau``
-        moved with the hard threshold, keeping ``beta (tau - h)`` (a Newton evaluation fewer than
-        last step's ``tau`` alone; the hints are checkpointed, so a resumed run starts from the
-        same); None when cold."""
+        moved with the hard threshold, its offset ``beta (tau - h)`` moved on by the offset's
+        last drift (:func:`shifted_start`; hints and offsets are checkpointed, so a resumed run
+        starts from the same); None when cold."""
         first = masks[0]
         if not (first.soft_active and first.threshold.dim() == 0
                 and all(m.soft_active for m in masks)):
@@ -362,7 +371,26 @@ class AllocationSolver:
         if not past:
             return tau
         return shifted_start(tau, first.beta, past[-1], beta * math.sqrt(first.block_numel),
-                             hard)
+                             hard, self.drift(idx))
+
+    def new_update(self) -> None:
+        """Start an update's record of offsets: a budget that this update does not solve has
+        none after it (its next start has no drift)."""
+        self._offsets_before, self.offsets = self.offsets, {}
+
+    def drift(self, idx: tuple[int, ...]) -> float:
+        """The change of budget ``idx``'s offset ``beta (tau - h)`` over the last two updates
+        (0 unless both solved it)."""
+        past = self._offsets_before.get(idx, [])
+        return past[-1] - past[-2] if len(past) == 2 else 0.0
+
+    def remember_offset(self, idx: tuple[int, ...], tau: float, hard: float, beta: float
+                        ) -> None:
+        """Record budget ``idx``'s offset ``beta (tau - hard)`` in this update, after its offset
+        of the update before (not when it is not finite)."""
+        offset = beta * (tau - hard)
+        if math.isfinite(offset):
+            self.offsets[idx] = self._offsets_before.get(idx, [])[-1:] + [offset]
 
     def hint(self, idx: tuple[int, ...]) -> float | None:
         """The next hard threshold of budget ``idx``, extrapolated from its last two."""
@@ -549,6 +577,8 @@ class Pending:
             solver._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
         self.tau_host = tau_host if coupling is None else None
+        solver.remember_offset(idx, tau_host, self.threshold,
+                               self.beta * math.sqrt(masks[0].block_numel))
         update_masks(masks, [self.hard_of[i] for i in idx], threshold=solution.tau[0],
                      betas=[self.beta * math.sqrt(m.block_numel) for m in masks], scope=scope,
                      coupling=coupling)
@@ -562,11 +592,14 @@ class Pending:
 
 
 def shifted_start(tau: torch.Tensor, last_beta: torch.Tensor, last_hard: float | torch.Tensor,
-                  beta: float, hard: float | torch.Tensor) -> torch.Tensor:
+                  beta: float, hard: float | torch.Tensor, drift: float | torch.Tensor = 0.0
+                  ) -> torch.Tensor:
     """A Newton start for a soft threshold: last step's ``tau`` (at sharpness ``last_beta``,
-    hard threshold ``last_hard``) moved with this step's hard threshold ``hard`` so that
-    ``beta (tau - h)`` stays what it was."""
-    return (tau - last_hard) * (last_beta / beta) + hard
+    hard threshold ``last_hard``) moved with this step's hard threshold ``hard`` so that the
+    offset ``beta (tau - h)`` is what it was plus ``drift`` (its last change: during the anneal
+    the offset moves nearly the same amount every step, and the linear extrapolation starts
+    Newton's iteration about a thousand times closer than the offset kept)."""
+    return ((tau - last_hard) * last_beta + drift) / beta + hard
 
 
 def split_views(solver: AllocationSolver, run: Sequence[int], flat: torch.Tensor

@@ -90,13 +90,14 @@ class Segments:
         self.piece = Piece(units.view(1, -1), self.betas[0], cost, 0, lengths=lengths)
         self.budgets = to_device(list(budgets), device, torch.float64)
         self.unit_max = torch.segment_reduce(units, "max", lengths=lengths).double()
-        # the warm start of each: last step's tau moved with its hard threshold, keeping
-        # beta (tau - h) (AllocationSolver.warm_start, per segment)
+        # the warm start of each: last step's tau moved with its hard threshold, its offset
+        # beta (tau - h) moved on by its drift (AllocationSolver.warm_start, per segment)
         tau = torch.stack([r.mask.threshold for r in refs])
-        past = to_device([solver.hints.get((i,), [math.nan])[-1] for i in ids], tau.device,
-                         tau.dtype)
+        past, drifts = to_device(
+            [solver.hints.get((i,), [math.nan])[-1] for i in ids]
+            + [solver.drift((i,)) for i in ids], tau.device, tau.dtype).split(len(ids))
         shifted = shifted_start(tau, torch.stack([r.mask.beta for r in refs]), past,
-                                self.betas[0], hard)
+                                self.betas[0], hard, drifts)
         self.tau_init = torch.where(torch.isfinite(shifted), shifted, tau)  # no hint: tau
         self.solution = solve_soft([self.piece], self.budgets, unit_max=self.unit_max,
                                    tau_init=self.tau_init, reduce=solver.reduce,
@@ -137,8 +138,9 @@ class Segments:
             evaluations += solution.evaluations
             read = torch.cat([solution.tau, solution.error.max().reshape(1)]).tolist()
             taus, error = read[:n], read[n]
-        for i, h in zip(self.ids, values[:n], strict=True):
+        for i, h, tau, beta in zip(self.ids, values[:n], taus, self.betas, strict=True):
             self.solver.remember((i,), h)
+            self.solver.remember_offset((i,), tau, h, beta)
         refs = [self.solver.refs[i] for i in self.ids]
         update_masks([r.mask for r in refs], [self.hard_of[i] for i in self.ids],
                      threshold=solution.tau, betas=self.betas, scope="local")

@@ -33,8 +33,9 @@ __all__ = [
     "updater_entry",
 ]
 
-# The layout of MaskUpdater.state_dict(); entries without a version (release 0.2.0) read as 1.
-UPDATER_STATE_VERSION = 2
+# The layout of MaskUpdater.state_dict(); entries without a version (release 0.2.0) read as 1;
+# version 3 added the offsets (earlier entries read with none: the next start has no drift).
+UPDATER_STATE_VERSION = 3
 # The layout of DualAveraging.state_dict()["spartan"]; release 0.1 wrote version 1.
 OPTIMIZER_STATE_VERSION = 2
 
@@ -101,18 +102,22 @@ class UpdaterState:
     Attributes:
         couplings: ``(mask indices, slope)`` of every shared budget's coupling.
         hints: warm starts of the hard selection, by the mask indices of a problem.
+        offsets: the soft thresholds' offsets from the hard ones (the Newton starts' drift), by
+            the mask indices of a problem.
         collapsed: names of the masked tensors already warned about as collapsed.
         last_record: the record of the last update (None before the first).
     """
 
     couplings: list[tuple[list[int], float]]
     hints: dict[tuple[int, ...], list[float]]
+    offsets: dict[tuple[int, ...], list[float]]
     collapsed: set[str]
     last_record: StepRecord | None
 
 
 def updater_entry(fingerprint: list[list[Any]], couplings: list[tuple[list[int], float]],
-                  hints: Mapping[tuple[int, ...], list[float]], collapsed: set[str],
+                  hints: Mapping[tuple[int, ...], list[float]],
+                  offsets: Mapping[tuple[int, ...], list[float]], collapsed: set[str],
                   last_record: StepRecord | None) -> dict[str, Any]:
     """A :meth:`MaskUpdater.state_dict` entry: plain numbers, strings and lists (what
     :func:`parse_updater_state` reads)."""
@@ -121,6 +126,7 @@ def updater_entry(fingerprint: list[list[Any]], couplings: list[tuple[list[int],
         "layers": fingerprint,
         "couplings": [{"layers": layers, "slope": slope} for layers, slope in couplings],
         "hints": [[list(k), list(v)] for k, v in hints.items()],
+        "offsets": [[list(k), list(v)] for k, v in offsets.items()],
         "collapsed": sorted(collapsed),
         "last_record": asdict(last_record) if last_record else None,
     }
@@ -138,12 +144,12 @@ def parse_updater_state(state: Any, fingerprint: list[list[Any]]) -> UpdaterStat
         raise TypeError(f"the updater state must be a dict (MaskUpdater.state_dict()), got "
                         f"{type(state).__name__}")
     version = state.get("version", 1)
-    if version not in (1, UPDATER_STATE_VERSION):
+    if version not in range(1, UPDATER_STATE_VERSION + 1):
         raise ValueError(
-            f"the updater state has version {version!r}; this release reads versions 1 and "
+            f"the updater state has version {version!r}; this release reads versions 1 to "
             f"{UPDATER_STATE_VERSION}: load it with the torchspartan release that wrote it"
         )
-    unknown = set(state) - {"version", "layers", "couplings", "hints", "collapsed",
+    unknown = set(state) - {"version", "layers", "couplings", "hints", "offsets", "collapsed",
                             "last_record"}
     if unknown:
         raise ValueError(f"the updater state has unknown keys {sorted(unknown)}; is it a "
@@ -169,7 +175,8 @@ def parse_updater_state(state: Any, fingerprint: list[list[Any]]) -> UpdaterStat
                          f"got {collapsed!r}")
     record = state.get("last_record")
     return UpdaterState(_couplings(state.get("couplings", []), n),
-                        _hints(state.get("hints", []), n), set(collapsed),
+                        _hints(state.get("hints", []), n),
+                        _hints(state.get("offsets", []), n, "offset"), set(collapsed),
                         None if record is None else check_record(record))
 
 
@@ -191,18 +198,20 @@ def _couplings(entries: Any, n: int) -> list[tuple[list[int], float]]:
     return couplings
 
 
-def _hints(items: Any, n: int) -> dict[tuple[int, ...], list[float]]:
+def _hints(items: Any, n: int, what: str = "hint") -> dict[tuple[int, ...], list[float]]:
+    """The hints (or offsets): ``[mask indices, [1 or 2 finite numbers]]`` each."""
     hints: dict[tuple[int, ...], list[float]] = {}
-    for item in _as_list("hints", items):
+    for item in _as_list(f"{what}s", items):
         try:
             k, v = item
             key = tuple(_index(i, n) for i in k)
-            vals = [finite_number("hint", x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+            vals = [finite_number(what, x) for x in (v if isinstance(v, (list, tuple)) else [v])]
         except (TypeError, ValueError) as e:
-            raise ValueError(f"malformed hint {item!r}: [mask indices, [1 or 2 finite "
+            raise ValueError(f"malformed {what} {item!r}: [mask indices, [1 or 2 finite "
                              f"numbers]] ({e})") from None
         if not key or not 1 <= len(vals) <= 2:
-            raise ValueError(f"malformed hint {item!r}: [mask indices, [1 or 2 finite numbers]]")
+            raise ValueError(f"malformed {what} {item!r}: [mask indices, [1 or 2 finite "
+                             f"numbers]]")
         hints[key] = vals
     return hints
 

@@ -232,7 +232,8 @@ class MaskUpdater:
                 r.mask.cost.fill_(c * r.mask.block_numel)
             self._costs_written = True
         old = [r.mask.hard_mask for r in self.refs]
-        bound, hints = self.couplings, dict(self.solver.hints)
+        bound, hints, offsets = self.couplings, dict(self.solver.hints), self.solver.offsets
+        self.solver.new_update()
         self.release()
         try:
             if alloc_density >= 1.0:
@@ -265,7 +266,7 @@ class MaskUpdater:
             # problem raises before it writes, and several problems were checked up front)
             for made in self.couplings + self.solver.take_couplings():
                 made.release()
-            self.solver.hints = hints
+            self.solver.hints, self.solver.offsets = hints, offsets
             unchanged = all(r.mask.hard_mask is o for r, o in zip(self.refs, old, strict=True))
             self.couplings = bound if unchanged else []
             for coupling in self.couplings:
@@ -347,14 +348,14 @@ class MaskUpdater:
         return [[r.name, list(r.theta.shape), r.mask.method] for r in self.refs]
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain numbers and lists: hints, couplings (their slopes), record. The masks' own
+        """Plain numbers and lists: hints, offsets, couplings (their slopes), record. The masks' own
         state (hard masks, thresholds, betas, frozen) is in ``model.state_dict()``."""
         index = {id(r.mask): i for i, r in enumerate(self.refs)}
         return updater_entry(
             self.fingerprint(),
             [([index[id(m)] for m in c.masks], float(c.slope)) for c in self.couplings
              if c.masks],  # a node of masks with budgets of their own: rebuilt when loaded
-            self.solver.hints, self.collapsed, self.last_record)
+            self.solver.hints, self.solver.offsets, self.collapsed, self.last_record)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (the model's masks must be loaded already).
@@ -382,7 +383,7 @@ class MaskUpdater:
                 r.mask.update(r.mask.hard_mask, threshold=r.mask.threshold,
                               beta=float(r.mask.beta), scope="local")
         self.couplings += attach(self.solver, self.couplings)
-        self.solver.hints = parsed.hints
+        self.solver.hints, self.solver.offsets = parsed.hints, parsed.offsets
         self.collapsed = parsed.collapsed
         self.last_record = parsed.last_record
         self._planned = None
