@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     add("eager (4 ops over the buffer)", lambda: eager(u, beta, shift),
         float(eager(u, beta, shift)[0]))
     add("chunked (the CPU route)", lambda: sigmoid_sums(u, beta, shift),
-        float(sigmoid_sums(u, beta, shift)[0][0]))
+        float(sigmoid_sums(u, beta, shift)[0]))
     b = torch.tensor(beta)
     for name, fn in (("compiled, sums only", expression),
                      ("compiled, mask returned", expression_with_mask)):

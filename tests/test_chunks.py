@@ -85,11 +85,12 @@ def test_split_window_at_full_size_keeps_the_shape() -> None:
 def test_sigmoid_sums_match_float64(n: int) -> None:
     units = torch.rand(n, generator=torch.Generator().manual_seed(n))
     for beta, shift in ((3.0, -1.5), (400.0, -300.0), (1e-3, 0.0)):
-        s1, s2 = sigmoid_sums(units, beta, torch.tensor(shift))
         m = torch.add(torch.tensor(shift), units, alpha=beta).sigmoid_().double()
-        assert s1.shape == s2.shape == (1,) and s1.dtype == torch.float64
-        torch.testing.assert_close(s1, m.sum().reshape(1), rtol=1e-6, atol=1e-12)
-        torch.testing.assert_close(s2, (m * m).sum().reshape(1), rtol=1e-6, atol=1e-12)
+        want = torch.stack([m.sum(), (m * m).sum(), (m * m * m).sum()])
+        for cubes in (False, True):
+            sums = sigmoid_sums(units, beta, torch.tensor(shift), cubes)
+            assert sums.shape == (3 if cubes else 2,) and sums.dtype == torch.float64
+            torch.testing.assert_close(sums, want[:sums.numel()], rtol=1e-6, atol=1e-12)
 
 
 def test_solve_soft_chunked_evaluations_give_the_thresholds_of_the_full_ones() -> None:

@@ -4,9 +4,9 @@ On a CPU the mask update is bound by how often it reads the scores from memory a
 slow kernels (a comparison into ``bool`` takes about two elementwise passes, ``nonzero`` and
 ``count_nonzero`` one or more each). Here:
 
-- :func:`sigmoid_sums`: one Newton evaluation of a piece, ``sum m`` and ``sum m^2`` for
-  ``m = sigmoid(beta u + shift)``, with the soft mask of a chunk kept in the cache (never
-  written out): one read of ``u`` instead of four passes;
+- :func:`sigmoid_sums`: one Newton evaluation of a piece, ``sum m`` and ``sum m^2`` (and
+  ``sum m^3``) for ``m = sigmoid(beta u + shift)``, with the soft mask of a chunk kept in the
+  cache (never written out): one read of ``u`` instead of four passes;
 - :func:`split_window`: the flags ``u > b`` and the positions of ``a <= u <= b`` in one read of
   ``u`` (both comparisons on a chunk in the cache, into float flags, which compare at the speed
   of a multiplication);
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHUNK", "abs_max", "count_true", "sigmoid_sums", "split_window", "true_positions"]
+__all__ = ["CHUNK", "abs_max", "count_true", "moments", "sigmoid_sums", "split_window",
+           "true_positions"]
 
 # Entries per chunk: 1 MiB of float32 scores, which stays in an L2 cache with its scratch (from
 # 64k to 256k entries the update took the same time on one Xeon core; fewer chunks, fewer ops).
@@ -97,25 +98,44 @@ def split_window(units: torch.Tensor, low: float, high: float
     return above.view(units.shape), torch.cat(found)
 
 
-def sigmoid_sums(units: torch.Tensor, beta: float, shift: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum m, sum m^2)`` of ``m = sigmoid(beta * units + shift)`` (``shift``: 0-dim, the
-    units' dtype), each float64 ``(1,)``; ``m`` is computed as ``torch.add(shift, units,
-    alpha=beta).sigmoid_()`` (the same values as that expression), a chunk at a time."""
+def sigmoid_sums(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes: bool = False
+                 ) -> torch.Tensor:
+    """``[sum m, sum m^2]`` of ``m = sigmoid(beta * units + shift)`` (``shift``: 0-dim, the
+    units' dtype), with ``cubes`` also ``sum m^3``, float64; ``m`` is computed as
+    ``torch.add(shift, units, alpha=beta).sigmoid_()`` (the same values as that expression), a
+    chunk at a time."""
     flat = units.reshape(-1)
     if not _chunked(flat):
-        m = torch.add(shift, flat, alpha=beta).sigmoid_()
-        return m.sum().double().reshape(1), torch.dot(m, m).double().reshape(1)
-    chunks = -(-flat.numel() // CHUNK)
-    scratch = torch.empty(min(CHUNK, flat.numel()), dtype=flat.dtype, device=flat.device)
-    sums = torch.empty(2, chunks, dtype=flat.dtype, device=flat.device)
+        return moments(torch.add(shift, flat, alpha=beta).sigmoid_(), cubes)
+    # with cubes a quarter chunk, so that m and m^2 stay in the cache together (ResNet-50's
+    # weights on one Xeon core: 3.0 passes with whole chunks, 2.5 with quarters; 1.9 without
+    # the cubes)
+    size = max(1, CHUNK // 4) if cubes else CHUNK
+    chunks = -(-flat.numel() // size)
+    scratch = torch.empty(min(size, flat.numel()), dtype=flat.dtype, device=flat.device)
+    squares = torch.empty_like(scratch) if cubes else scratch
+    sums = torch.empty(3 if cubes else 2, chunks, dtype=flat.dtype, device=flat.device)
     for k in range(chunks):
-        u = flat[k * CHUNK:(k + 1) * CHUNK]
+        u = flat[k * size:(k + 1) * size]
         m = torch.add(shift, u, alpha=beta, out=scratch[:u.numel()]).sigmoid_()
         torch.sum(m, 0, out=sums[0, k])
-        torch.dot(m, m, out=sums[1, k])
-    totals = sums.sum(1, dtype=torch.float64)
-    return totals[:1], totals[1:]
+        if cubes:
+            sq = torch.mul(m, m, out=squares[:u.numel()])
+            torch.sum(sq, 0, out=sums[1, k])
+            torch.dot(sq, m, out=sums[2, k])
+        else:
+            torch.dot(m, m, out=sums[1, k])
+    return sums.sum(1, dtype=torch.float64)
+
+
+def moments(m: torch.Tensor, cubes: bool = False) -> torch.Tensor:
+    """``[sum m, sum m^2]`` of a tensor, with ``cubes`` also ``sum m^3``: summed in ``m``'s
+    dtype, returned in float64."""
+    flat = m.reshape(-1)
+    if not cubes:
+        return torch.stack([flat.sum(), torch.dot(flat, flat)]).double()
+    sq = flat * flat
+    return torch.stack([flat.sum(), sq.sum(), torch.dot(sq, flat)]).double()
 
 
 def abs_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchspartan._chunks import sigmoid_sums
+from torchspartan._chunks import moments, sigmoid_sums
 from torchspartan._device import to_device
 from torchspartan._select import select_flat
 
@@ -122,24 +122,28 @@ def _row_sum(x: torch.Tensor, rowwise: bool) -> torch.Tensor:
     return x.sum(-1) if rowwise else x.sum().reshape(1)
 
 
-def _cost_sums(p: Piece, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum c m`` and ``sum c m^2`` per segment of the piece, float64."""
+def _cost_sums(p: Piece, m: torch.Tensor, cubes: bool) -> torch.Tensor:
+    """``sum c m``, ``sum c m^2`` (and with ``cubes`` ``sum c m^3``) per segment of the piece,
+    float64 ``(2 or 3, segments)``."""
     if p.lengths is not None:  # unit costs (a number), one sum per segment of the buffer,
         # in float64 (a segment reduction may add sequentially: float32 would miss 1e-6)
         flat = m.reshape(-1).double()
-        s1 = torch.segment_reduce(flat, "sum", lengths=p.lengths)
-        s2 = torch.segment_reduce(flat.mul_(flat), "sum", lengths=p.lengths)
-        return s1 * p.cost, s2 * p.cost
+        power = flat.clone()
+        sums = [torch.segment_reduce(flat, "sum", lengths=p.lengths)]
+        for _ in range(2 if cubes else 1):
+            sums.append(torch.segment_reduce(power.mul_(flat), "sum", lengths=p.lengths))
+        return torch.stack(sums) * p.cost
     if isinstance(p.cost, torch.Tensor):
         cm = m * p.cost
-        return (_row_sum(cm, p.rowwise).double(),
-                _row_sum(cm.mul_(m), p.rowwise).double())
+        sums = [_row_sum(cm, p.rowwise).double()]
+        for _ in range(2 if cubes else 1):
+            sums.append(_row_sum(cm.mul_(m), p.rowwise).double())
+        return torch.stack(sums)
     if p.rowwise:  # float32 sums, then float64 (a float64 accumulation is slower on a CPU)
-        s1, s2 = m.sum(-1), (m * m).sum(-1)
-    else:
-        flat = m.reshape(-1)
-        s1, s2 = flat.sum().reshape(1), torch.dot(flat, flat).reshape(1)
-    return s1.double() * p.cost, s2.double() * p.cost
+        sq = m * m
+        parts = [m.sum(-1), sq.sum(-1)] + ([sq.mul_(m).sum(-1)] if cubes else [])
+        return torch.stack(parts).double() * p.cost
+    return moments(m, cubes).unsqueeze(1) * p.cost
 
 
 def _tau_of(p: Piece, tau: torch.Tensor) -> torch.Tensor:
@@ -177,7 +181,8 @@ class SoftSolution:
         tau: the threshold of every segment, float64, shape ``(S,)``.
         slope: ``S_j = sum_{i in j} c_i beta_i m_i (1 - m_i)``, float64 ``(S,)``.
         evaluations: evaluations of the budget equation (each one pass per piece).
-        error: relative budget error ``|sum c m - B| / B`` per segment.
+        error: relative budget error ``|sum c m - B| / B`` per segment (after a certified
+            last step, :func:`safeguarded_newton`, the bound on it).
     """
 
     masks: list[torch.Tensor]
@@ -248,36 +253,36 @@ def solve_soft(
     single = (len(pieces) == 1 and num_segments == 1 and reduce is None and work[0] is not None
               and _plain(pieces[0]))
 
-    def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # a certified last step (safeguarded_newton; its slope within the rounding of the sums in
+    # the compute dtype), not with the masks (those of the last evaluation's tau)
+    beta_max = None if masks else torch.zeros_like(budgets).scatter_reduce_(
+        0, index, betas, "amax")
+
+    def evaluate(x: torch.Tensor, curvature: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         tau = -x
         if single:
             p, m, beta = pieces[0], work[0], float(pieces[0].beta)
             flat = torch.add((-beta * tau[0]).to(cdt), p.units, alpha=beta, out=m).sigmoid_()
-            flat = flat.reshape(-1)
-            sums = torch.stack([flat.sum(), torch.dot(flat, flat)]).double().mul_(float(p.cost))
-            return sums[:1] - budgets, (sums[:1] - sums[1:]) * betas
-        s1, s2 = [], []
+            return _derivatives(moments(flat, curvature).mul_(float(p.cost)).unsqueeze(1), betas,
+                                budgets)
+        parts = []
         for p, m in zip(pieces, work, strict=True):
             if m is None:  # a CPU piece with a number for beta and cost: chunk by chunk
                 shift = (-p.beta * _tau_of(p, tau)).to(cdt)
-                a, b = sigmoid_sums(p.units, float(p.beta), shift)
-                s1.append(a * float(p.cost))
-                s2.append(b * float(p.cost))
+                parts.append(sigmoid_sums(p.units, float(p.beta), shift, curvature).mul_(
+                    float(p.cost)).unsqueeze(1))
                 continue
             if p.many or isinstance(p.beta, torch.Tensor):
                 torch.sub(p.units, _tau_of(p, tau).to(cdt), out=m).mul_(_beta_of(p, cdt))
             else:  # beta u - beta tau in one pass
                 torch.add((-p.beta * _tau_of(p, tau)).to(cdt), p.units, alpha=p.beta, out=m)
             m.sigmoid_()
-            a, b = _cost_sums(p, m)
-            s1.append(a)
-            s2.append(b)
-        cm, cm2 = torch.cat(s1), torch.cat(s2)
-        sums = torch.zeros(2, num_segments, dtype=torch.float64, device=device)
-        sums[0].index_add_(0, index, cm)
-        sums[1].index_add_(0, index, (cm - cm2) * betas)
-        sums = reduce_(sums)
-        return sums[0] - budgets, sums[1]
+            parts.append(_cost_sums(p, m, curvature))
+        terms = [t for t in _derivatives(torch.cat(parts, 1), betas, None) if t is not None]
+        sums = torch.zeros(len(terms), num_segments, dtype=torch.float64, device=device)
+        sums = reduce_(sums.index_add_(1, index, torch.stack(terms)))
+        return sums[0] - budgets, sums[1], sums[2] if curvature else None
 
     if tau_init is None and reduce is not None:
         # sharded: the sampled cold start would differ by rank; start from the bracket
@@ -292,9 +297,22 @@ def solve_soft(
     resolution = 8 * torch.finfo(cdt).eps
     x, f, evaluations, slope = safeguarded_newton(
         evaluate, -tau0, -tau_hi, -tau_lo, budgets, tol, max_iter, resolution=resolution,
-        check=check)
+        check=check, beta_max=beta_max, max_shift=math.sqrt(2 * torch.finfo(cdt).eps))
     kept = [m for m in work if m is not None] if masks else []
-    return SoftSolution(kept, -x, slope, evaluations, f.abs() / budgets)
+    return SoftSolution(kept, -x, slope, evaluations, f / budgets)
+
+
+def _derivatives(sums: torch.Tensor, betas: torch.Tensor, budgets: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """From ``sum c m``, ``sum c m^2`` (and ``sum c m^3``) per sum (``(2 or 3, K)``, float64),
+    with ``x = -tau``: ``f = sum c m`` (less ``budgets`` when given), ``f' = sum c beta m (1 - m)``
+    and ``f'' = sum c beta^2 m (1 - m) (1 - 2 m)`` (None without the cubes)."""
+    s1, s2 = sums[0], sums[1]
+    f = s1 - budgets if budgets is not None else s1
+    fp = (s1 - s2) * betas
+    if sums.shape[0] == 2:
+        return f, fp, None
+    return f, fp, (s1 - 3 * s2 + 2 * sums[2]) * (betas * betas)
 
 
 def _plain(p: Piece) -> bool:
@@ -338,7 +356,8 @@ def _cold_start(
 
 
 def safeguarded_newton(
-    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    evaluate: Callable[[torch.Tensor, bool],
+                       tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     x: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
@@ -348,36 +367,69 @@ def safeguarded_newton(
     *,
     resolution: float = 8 * torch.finfo(torch.float64).eps,
     check: bool = True,
+    beta_max: torch.Tensor | None = None,
+    max_shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """Solve ``f(x) = 0`` elementwise for increasing ``f`` with ``f(lo) <= 0 <= f(hi)``.
 
-    ``evaluate(x)`` returns ``(f(x), f'(x))``, float64. A Newton step that leaves the bracket is
-    replaced by bisection. Stops when ``|f| <= tol * target`` everywhere, when the bracket has
-    shrunk to ``resolution * (1 + |x|)`` (the tolerance is not attainable at the precision ``f``
-    is computed in), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
+    ``evaluate(x, curvature)`` returns ``(f(x), f'(x), f''(x))``, float64 (``f''`` only when
+    ``curvature``, else None). A Newton step that leaves the bracket is replaced by bisection.
+    Stops when ``|f| <= tol * target`` everywhere, when the bracket has shrunk to
+    ``resolution * (1 + |x|)`` (the tolerance is not attainable at the precision ``f`` is
+    computed in), or after ``max_iter`` evaluations. On CUDA the convergence test (a host
     synchronisation) runs every fourth evaluation only; with ``check=False`` never (exactly
-    ``max_iter`` evaluations, no host synchronisation: the caller checks ``f``).
+    ``max_iter`` evaluations, no host synchronisation: the caller checks the residual).
 
-    Returns ``(x, f(x), evaluations, f'(x))``.
+    ``beta_max``: for ``f`` a sum of terms ``c sigmoid(beta (u + x))`` (``c >= 0``), the largest
+    ``beta`` of each component. Where an evaluation is not within the tolerance, the Newton step
+    from it is then taken without evaluating when its residual is certified within it: every
+    term of ``f'`` changes by at most a factor ``exp(beta_max |t - x|)`` from ``x`` to ``t``, so
+    that after the step ``dx = -f/f'``, with ``a = beta_max |dx|``,
+    ``|f(x + dx)| <= |f(x)| (exp(a) - 1 - a) / a`` (about ``|f| a / 2``: quadratic). Its
+    ``f'`` is then ``f' + f'' dx``, off by at most about ``f' a^2 / 2``: the step is taken only
+    where ``a <= max_shift``, so that this stays within the rounding of the sums.
+
+    Returns ``(x, |f(x)| or the certified bound on it, evaluations, f'(x))``.
     """
     check_every = (4 if x.is_cuda else 1) if check else max_iter + 1
-    f, fp = evaluate(x)
+
+    def last(evaluations: int) -> bool:  # whether the iteration may stop after this evaluation
+        return evaluations >= max_iter or evaluations % check_every == 0
+
+    certify = beta_max is not None
+    f, fp, fpp = evaluate(x, certify and last(1))
     evaluations = 1
     while True:
-        if evaluations >= max_iter:
-            return x, f, evaluations, fp
-        if evaluations % check_every == 0:
-            converged = f.abs() <= tol * target
-            resolved = (hi - lo) <= resolution * (1 + x.abs())
-            if bool((converged | resolved).all()):
-                return x, f, evaluations, fp
+        if last(evaluations):
+            done, out = _stop(x, f, fp, fpp, lo, hi, tol * target, resolution, beta_max,
+                              max_shift)
+            if evaluations >= max_iter or bool(done.all()):
+                return out[0], out[1], evaluations, out[2]
         lo = torch.where(f <= 0, x, lo)
         hi = torch.where(f >= 0, x, hi)
         step = x - f / fp
         inside = (step > lo) & (step < hi)  # False for a NaN or infinite step too
         x = torch.where(inside, step, 0.5 * (lo + hi))
-        f, fp = evaluate(x)
+        f, fp, fpp = evaluate(x, certify and last(evaluations + 1))
         evaluations += 1
+
+
+def _stop(x: torch.Tensor, f: torch.Tensor, fp: torch.Tensor, fpp: torch.Tensor | None,
+          lo: torch.Tensor, hi: torch.Tensor, limit: torch.Tensor, resolution: float,
+          beta_max: torch.Tensor | None, max_shift: float
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Where :func:`safeguarded_newton` may stop after evaluating ``x``, and its answer
+    ``(x, |f| or its bound, f')`` there: ``x`` itself, or the certified Newton step from it."""
+    r = f.abs()
+    done = (r <= limit) | ((hi - lo) <= resolution * (1 + x.abs()))
+    if fpp is None or beta_max is None:
+        return done, (x, r, fp)
+    dx = -f / fp
+    a = beta_max * dx.abs()
+    bound = r * (torch.expm1(a) - a) / a  # NaN for f = 0 or f' = 0: not taken
+    take = (bound < r) & (bound <= limit) & (a <= max_shift)
+    return done | take, (torch.where(take, x + dx, x), torch.where(take, bound, r),
+                         torch.where(take, fp + fpp * dx, fp))
 
 
 def soft_backward(
