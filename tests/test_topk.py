@@ -578,3 +578,61 @@ def test_bad_solver_options_raise_named_error(kwargs: dict, match: str) -> None:
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Newton's certified last step
+
+
+def _sigmoid_problem(units: torch.Tensor, beta: float, budget: float):  # noqa: ANN202
+    """``evaluate(x, curvature)`` of ``f(x) = sum sigmoid(beta (u + x)) - budget`` in float64."""
+    def evaluate(x: torch.Tensor, curvature: bool):  # noqa: ANN202
+        m = torch.sigmoid(beta * (units + x))
+        f = (m.sum() - budget).reshape(1)
+        fp = (beta * (m * (1 - m)).sum()).reshape(1)
+        fpp = (beta**2 * (m * (1 - m) * (1 - 2 * m)).sum()).reshape(1)
+        return f, fp, fpp if curvature else None
+    return evaluate
+
+
+@pytest.mark.parametrize("offset", [3e-3, 1e-2, 3e-2])
+def test_the_certified_step_bounds_its_residual_tightly(offset: float) -> None:
+    # units all near 1 with the masks near 0: f'' is nearly beta f' (the bound's worst case),
+    # so the residual after the step is nearly the bound |f| (e^a - 1 - a) / a
+    n, beta = 1000, 4.0
+    units = 1.0 + 1e-3 * torch.rand(n, dtype=torch.float64, generator=torch.Generator()
+                                    .manual_seed(0))
+    root = math.log(0.005 / 0.995) / beta - 1.0  # sigmoid(beta (1 + x)) = 0.005
+    budget = float(torch.sigmoid(beta * (units + root)).sum())
+    evaluate = _sigmoid_problem(units, beta, budget)
+    x0 = torch.tensor([root + offset], dtype=torch.float64)
+    target = torch.tensor([budget], dtype=torch.float64)
+    lo, hi = x0 - 1.0, x0 + 1.0
+    x, bound, evaluations, slope = engine_module.safeguarded_newton(
+        evaluate, x0, lo, hi, target, 1.0, 1, check=False,
+        beta_max=torch.tensor([beta], dtype=torch.float64), max_shift=1.0)
+    assert evaluations == 1 and not torch.equal(x, x0)  # the step was taken
+    f, fp, _ = evaluate(x, False)
+    assert 0.8 * float(bound) <= float(f.abs()) <= float(bound)
+    f0, fp0, _ = evaluate(x0, False)
+    a = beta * abs(float(f0 / fp0))
+    assert float(bound) < float(f0.abs()) * a  # quadratic: far below the residual before
+    assert abs(float(slope / fp) - 1) <= a * a  # f' + f'' dx: off by about a^2 / 2
+
+
+def test_a_warm_float32_solve_takes_one_evaluation_and_keeps_its_promises() -> None:
+    g = torch.Generator().manual_seed(1)
+    units = torch.rand(1, 300_000, generator=g) ** 2
+    beta, density = 20.0, 0.1
+    budget = torch.tensor([density * units.numel()], dtype=torch.float64)
+    piece = engine_module.Piece(units, beta, 1.0, 0)
+    exact = engine_module.solve_soft([piece], budget, tol=1e-9, masks=True)
+    # a warm start as close as a training step's (a relative budget error of about 1e-5)
+    start = exact.tau + 1e-5 * float(budget[0]) / float(exact.slope[0])
+    for chunks in (True, False):
+        solution = engine_module.solve_soft([piece], budget, tau_init=start, chunks=chunks)
+        assert solution.evaluations == 1 and float(solution.error[0]) <= 1e-6
+        m = torch.sigmoid(beta * (units.double() - float(solution.tau[0])))
+        assert abs(float(m.sum()) - float(budget[0])) <= 1e-6 * float(budget[0])
+        slope = beta * float((m * (1 - m)).sum())
+        assert float(solution.slope[0]) == pytest.approx(slope, rel=1e-6)
