@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torchspartan as ts
+from torchspartan.allocation import NEWTON_DRIFTING
 
 torch.set_flush_denormal(True)
 ROOT = Path(__file__).resolve().parents[1]
@@ -613,11 +614,12 @@ def test_newton_starts_follow_the_drift_of_the_soft_thresholds_offset() -> None:
     # mid-anneal the offset beta (tau - h) of the soft threshold from the hard one moves about
     # the same amount every step: the start that extrapolates it needs fewer evaluations than
     # the one that keeps it, and lands about the same tau
-    def anneal(drift: bool) -> tuple[list[int], list[float]]:
+    def anneal(drift: bool, sync_free: bool = False) -> tuple[list[int], list[float]]:
         torch.manual_seed(3)
         model = mlp(width=64)
         ts.sparsify(model, min_density=0.0)
         updater = ts.MaskUpdater(model)
+        updater.solver.sync_free = sync_free
         if not drift:
             updater.solver.drift = lambda idx: 0.0  # type: ignore[method-assign]
         evaluations, taus = [], []
@@ -632,3 +634,8 @@ def test_newton_starts_follow_the_drift_of_the_soft_thresholds_offset() -> None:
     without, taus_without = anneal(False)
     assert sum(with_drift[3:]) < sum(without[3:]), (with_drift, without)
     assert taus == pytest.approx(taus_without, rel=1e-4)
+    # the sync-free solve runs fewer unchecked evaluations once its start follows the drift,
+    # and none fails its check at the commit (that would add evaluations)
+    sync_free, taus_sync_free = anneal(True, sync_free=True)
+    assert sync_free[3:] == [NEWTON_DRIFTING] * 5, sync_free
+    assert taus_sync_free == pytest.approx(taus, rel=1e-4)

@@ -25,7 +25,6 @@ from torchspartan._device import to_device
 from torchspartan._engine import TOLERANCE, Piece, solve_soft
 from torchspartan._select import select_segments_on_device
 from torchspartan.allocation import (
-    NEWTON_UNCHECKED,
     AllocationSolver,
     packed,
     shifted_start,
@@ -101,7 +100,8 @@ class Segments:
         self.tau_init = torch.where(torch.isfinite(shifted), shifted, tau)  # no hint: tau
         self.solution = solve_soft([self.piece], self.budgets, unit_max=self.unit_max,
                                    tau_init=self.tau_init, reduce=solver.reduce,
-                                   max_iter=NEWTON_UNCHECKED, check=False)
+                                   max_iter=max(solver.unchecked((i,)) for i in ids),
+                                   check=False)
         # finite weights give finite unit maxima (NaN and Inf propagate into them)
         self.values = torch.cat([hard, torch.isfinite(self.unit_max).all().double().reshape(1),
                                  self.solution.error.max().reshape(1), self.solution.tau])
