@@ -420,10 +420,11 @@ def concatenated(chunks: list[torch.Tensor], costs: list[float]) -> tuple[torch.
 
 
 @given(chunked_problems(), st.booleans(),
-       st.sampled_from([None, 0.0, 0.5, 2.0, 1e9, math.nan]), st.sampled_from([None, True]))
+       st.sampled_from([None, 0.0, 0.5, 2.0, 1e9, math.nan, select_module.Hint(0.5, 2.0**-16),
+                        select_module.Hint(0.3, 0.5)]), st.sampled_from([None, True]))
 def test_select_top_budget_equals_hard_topk_on_concatenation(
     problem: tuple[list[torch.Tensor], list[float], float], small_sample: bool,
-    hint: float | None, group: bool | None,
+    hint: float | select_module.Hint | None, group: bool | None,
 ) -> None:
     chunks, costs, budget = problem
     values, c = concatenated(chunks, costs)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import torchspartan as ts
+from torchspartan._select import HINT_WIDTH, MIN_HINT_WIDTH
 from torchspartan.allocation import NEWTON_DRIFTING
 
 torch.set_flush_denormal(True)
@@ -639,3 +640,19 @@ def test_newton_starts_follow_the_drift_of_the_soft_thresholds_offset() -> None:
     sync_free, taus_sync_free = anneal(True, sync_free=True)
     assert sync_free[3:] == [NEWTON_DRIFTING] * 5, sync_free
     assert taus_sync_free == pytest.approx(taus, rel=1e-4)
+
+
+def test_the_window_around_the_hard_thresholds_hint_follows_the_hints_errors() -> None:
+    model = mlp(width=8)
+    ts.sparsify(model)
+    solver = ts.MaskUpdater(model).solver
+    key = (0, 1)
+    for t in range(30):  # a threshold on a straight line: exact hints, the window halves
+        solver.remember(key, 1.0 + 0.01 * t)
+    assert solver.hint(key) == (pytest.approx(1.30), MIN_HINT_WIDTH)
+    solver.remember(key, 1.30 * (1 + 1e-4))  # off by 1e-4: 16 times that
+    assert solver.hint(key).width == pytest.approx(16e-4 / 1.0001, rel=1e-6)
+    solver.remember(key, 2.0)  # a jump: the widest window
+    assert solver.hint(key).width == HINT_WIDTH
+    solver.remember(key, 2.7)  # right on the line again: half as wide
+    assert solver.hint(key).width == HINT_WIDTH / 2

@@ -28,7 +28,7 @@ import torch
 
 from torchspartan._chunks import moments, sigmoid_sums
 from torchspartan._device import to_device
-from torchspartan._select import select_flat
+from torchspartan._select import Hint, select_flat
 
 __all__ = [
     "TOLERANCE",
@@ -477,7 +477,7 @@ def soft_backward(
 
 def hard_select(
     pieces: Sequence[Piece], budgets: Sequence[float] | torch.Tensor,
-    hints: Sequence[float | None] | None = None,
+    hints: Sequence[float | Hint | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Hard top-k per segment: the greedy knapsack prefix, ties to the lower position.
 

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from torchspartan._chunks import count_true, split_window
 from torchspartan._device import to_device
 
-__all__ = ["select_flat", "select_segments_on_device", "select_top_budget"]
+__all__ = ["HINT_WIDTH", "MIN_HINT_WIDTH", "Hint", "select_flat", "select_segments_on_device",
+           "select_top_budget"]
 
 # Size of the strided sample that guesses the window, and the most candidates ordered by a sort
 # (more are narrowed again by the same selection applied to the candidates alone).
@@ -43,9 +45,20 @@ _SAMPLE_SIZE = 1 << 16
 _MAX_SORTED = 1 << 17
 # Margin of the first window in standard deviations of the sample rank; multiplied by 4 per retry.
 _Z = 5.0
-# Relative half-width of the window around a warm-start hint.
-_HINT_WIDTH = 2.0**-8
+# Relative half-width of the window around a warm-start hint: the widest, and the narrowest
+# (:class:`Hint` gives one in between).
+HINT_WIDTH = 2.0**-8
+MIN_HINT_WIDTH = 2.0**-16
 _MAX_DEPTH = 4
+
+
+class Hint(NamedTuple):
+    """A guess of the threshold (``value``) and the relative half-width of the first window
+    around it (``width``; the result is exact whatever they are, a window that misses the
+    threshold costs one more pass)."""
+
+    value: float
+    width: float = HINT_WIDTH
 # With ``group`` and at least this many chunks and four times fewer (cost, dtype) groups, chunks
 # are concatenated per group (see _select_grouped).
 _GROUP_MIN_CHUNKS = 8
@@ -57,7 +70,7 @@ def select_top_budget(
     chunks: Sequence[torch.Tensor],
     costs: Sequence[float],
     budget: float,
-    hint: float | None = None,
+    hint: float | Hint | None = None,
     *,
     check: bool = True,
     group: bool | None = None,
@@ -144,7 +157,7 @@ def _select_grouped(
     flat: list[torch.Tensor],
     groups: dict[tuple[float, torch.dtype], list[int]],
     budget: float,
-    hint: float | None,
+    hint: float | Hint | None,
     check: bool,
 ) -> tuple[list[torch.Tensor], float]:
     """Many chunks with few distinct (cost, dtype): one buffer per group, one kernel per pass.
@@ -267,7 +280,7 @@ def select_flat(
     us: list[torch.Tensor],
     cs: list[Cost],
     budget: float,
-    hint: float | None,
+    hint: float | Hint | None,
     depth: int = 0,
     tie_keys: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[torch.Tensor], float]:
@@ -289,8 +302,9 @@ def select_flat(
     sample: _Sample | None = None
     attempt = 0
     first: tuple[float, float] | None = None
-    if hint is not None and math.isfinite(hint) and hint >= 0:
-        first = (hint * (1 - _HINT_WIDTH), hint * (1 + _HINT_WIDTH))
+    guess = hint if isinstance(hint, Hint) else None if hint is None else Hint(hint)
+    if guess is not None and math.isfinite(guess.value) and guess.value >= 0:
+        first = (guess.value * (1 - guess.width), guess.value * (1 + guess.width))
     while True:
         if first is not None:
             a, b = max(first[0], lo), min(first[1], hi)

@@ -28,7 +28,7 @@ from torchspartan._engine import (
     unit_maxima,
 )
 from torchspartan._kernels import Scope
-from torchspartan._select import select_on_device
+from torchspartan._select import HINT_WIDTH, MIN_HINT_WIDTH, Hint, select_on_device
 from torchspartan.coupling import Batched, Coupling
 from torchspartan.mask import SpartanMask, update_masks
 from torchspartan.sparsify import MaskRef
@@ -69,6 +69,9 @@ class AllocationSolver:
         self.reduce = reduce
         self.sync_free = sync_free
         self.hints: dict[tuple[int, ...], list[float]] = {}
+        # per budget: the relative half-width of the window around its next hint (speed only:
+        # the selection is exact whatever the window)
+        self.hint_widths: dict[tuple[int, ...], float] = {}
         self.offsets: dict[tuple[int, ...], list[float]] = {}
         self._offsets_before: dict[tuple[int, ...], list[float]] = {}
         # per packed run: the flat hard mask last written, and the views the masks got of it
@@ -398,17 +401,29 @@ class AllocationSolver:
         if math.isfinite(offset):
             self.offsets[idx] = self._offsets_before.get(idx, [])[-1:] + [offset]
 
-    def hint(self, idx: tuple[int, ...]) -> float | None:
-        """The next hard threshold of budget ``idx``, extrapolated from its last two."""
+    def hint(self, idx: tuple[int, ...]) -> Hint | None:
+        """The next hard threshold of budget ``idx``, extrapolated from its last two, with the
+        width of the window around it (:meth:`remember`)."""
         past = self.hints.get(idx, [])
         hint = 2 * past[-1] - past[-2] if len(past) == 2 else (past[-1] if past else None)
         if hint is not None and not hint > 0:
             hint = past[-1]
-        return hint
+        return None if hint is None else Hint(hint, self.hint_widths.get(idx, HINT_WIDTH))
 
     def remember(self, idx: tuple[int, ...], threshold: float) -> None:
-        if math.isfinite(threshold):
-            self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
+        """Keep budget ``idx``'s hard threshold of this step, and size the next window around
+        its hint to 16 times this step's relative hint error (at most halving a step, between
+        :data:`MIN_HINT_WIDTH` and :data:`HINT_WIDTH`: on a Fashion-MNIST run whose threshold
+        jumps, 2 more windows of 147 missed; mid-anneal on ResNet-50, 15-40k candidates instead
+        of 83k)."""
+        if not math.isfinite(threshold):
+            return
+        guess = self.hint(idx)
+        if guess is not None and threshold > 0:
+            error = abs(guess.value - threshold) / threshold
+            width = max(16 * error, guess.width / 2)
+            self.hint_widths[idx] = min(max(width, MIN_HINT_WIDTH), HINT_WIDTH)
+        self.hints[idx] = (self.hints.get(idx, []) + [threshold])[-2:]
 
     def fill(self, idx: Sequence[int], keep: bool) -> None:
         """Every entry of the masks ``idx`` kept (or dropped), their thresholds as they are."""
