@@ -50,6 +50,11 @@ _Z = 5.0
 HINT_WIDTH = 2.0**-8
 MIN_HINT_WIDTH = 2.0**-16
 _MAX_DEPTH = 4
+# With ``group`` and at least this many chunks and four times fewer (cost, dtype) groups, chunks
+# are concatenated per group (see _select_grouped).
+_GROUP_MIN_CHUNKS = 8
+
+Cost = float | torch.Tensor
 
 
 class Hint(NamedTuple):
@@ -59,11 +64,6 @@ class Hint(NamedTuple):
 
     value: float
     width: float = HINT_WIDTH
-# With ``group`` and at least this many chunks and four times fewer (cost, dtype) groups, chunks
-# are concatenated per group (see _select_grouped).
-_GROUP_MIN_CHUNKS = 8
-
-Cost = float | torch.Tensor
 
 
 def select_top_budget(
