@@ -284,7 +284,7 @@ def test_compiled_aot_eager_matches_eager_cuda(fresh_dynamo: None) -> None:
 # A base optimizer that skips on the device (fused=True): GradScaler hands over its flag
 # ---------------------------------------------------------------------------------------
 ROUTES = ["global-host", "global-sync-free", "erk-sync-free", "floors-sync-free", "nm24",
-          "blocks-sync-free", "clipped-sync-free"]
+          "nm24-sync-free", "blocks-sync-free", "clipped-sync-free"]
 
 
 def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10,
@@ -304,7 +304,7 @@ def scaled_run(route: str, on_device: bool, device: str = "cpu", steps: int = 10
     ts.sparsify(model, block=(4, 4) if route.startswith("blocks") else None, **floors)
     policy = {"erk": ts.ERK(), "nm24": ts.NM(2, 4)}.get(route.split("-")[0], ts.Global())
     base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
-    opt = ts.DualAveraging(base, model, sparsity=0.5 if route == "nm24" else 0.9,
+    opt = ts.DualAveraging(base, model, sparsity=0.5 if route.startswith("nm24") else 0.9,
                            total_steps=steps, policy=policy, anneal_fraction=0.5)
     opt.updater.solver.sync_free = route.endswith("sync-free")
     if not on_device:

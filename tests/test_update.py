@@ -311,7 +311,7 @@ def test_device_selection_of_segments_is_the_host_selection(sizes: list[int], co
         start += size
 
 
-@pytest.mark.parametrize("policy", ["global", "erk", "uniform"])
+@pytest.mark.parametrize("policy", ["global", "erk", "uniform", "nm"])
 def test_sync_free_updates_give_the_synchronous_masks(policy: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The sync-free path (one read per update; every budget of its own prepared on the device
@@ -323,7 +323,8 @@ def test_sync_free_updates_give_the_synchronous_masks(policy: str,
     twin = copy.deepcopy(model)
     from torchspartan.own import Segments
 
-    make = {"global": ts.Global, "erk": ts.ERK, "uniform": ts.Uniform}[policy]
+    make = {"global": ts.Global, "erk": ts.ERK, "uniform": ts.Uniform,
+            "nm": lambda: ts.NM(2, 4)}[policy]
     sync, free = ts.MaskUpdater(model, make()), ts.MaskUpdater(twin, make())
     free.solver.sync_free = True
     together = []
@@ -334,7 +335,10 @@ def test_sync_free_updates_give_the_synchronous_masks(policy: str,
         return commit(self, values)
 
     monkeypatch.setattr(Segments, "commit", counted)
-    for density, beta in [(0.5, 2.0), (0.3, 3.0), (0.1, 4.0), (0.1, 4.5)]:  # cold, then warm
+    steps = [(0.5, 2.0), (0.3, 3.0), (0.1, 4.0), (0.1, 4.5)]
+    if policy == "nm":  # rows of 4 keeping 2, 1, 2, 3
+        steps = [(0.5, 2.0), (0.25, 3.0), (0.5, 4.0), (0.75, 4.5)]
+    for density, beta in steps:  # cold, then warm
         for a, b in zip(ts.find_masks(model), ts.find_masks(twin), strict=True):
             b.theta.data.copy_(a.theta.data.mul_(1.01))  # the weights move between updates
         ra, rb = sync.update(density, beta), free.update(density, beta)
@@ -347,7 +351,7 @@ def test_sync_free_updates_give_the_synchronous_masks(policy: str,
             torch.testing.assert_close(a.mask.threshold, b.mask.threshold, rtol=rtol, atol=0)
     # warm own budgets were computed together (ERK keeps the last layer whole at first: cold
     # when it first drops entries, that step goes tensor by tensor)
-    if policy == "global":
+    if policy in ("global", "nm"):  # nm: its rows are one problem (torchspartan.rows)
         assert together == []
     else:
         assert len(together) >= 2 and min(together) >= 2, together
@@ -463,15 +467,16 @@ def test_masks_with_budgets_of_their_own_share_one_batched_node(
     assert all(torch.equal(a, b) for a, b in zip(grads(model), grads(twin), strict=True))
 
 
-@pytest.mark.parametrize("density", [0.3, 1.0])
-def test_sync_free_own_budgets_refuse_non_finite_weights_before_writing(density: float) -> None:
-    """Uniform on the sync-free path reads every check with its values: a NaN weight (also in
-    a tensor kept whole) is named and no mask changes."""
+@pytest.mark.parametrize("density, policy", [(0.3, "uniform"), (1.0, "uniform"), (0.5, "nm")])
+def test_sync_free_own_budgets_refuse_non_finite_weights_before_writing(density: float,
+                                                                        policy: str) -> None:
+    """Uniform and N:M on the sync-free path read every check with their values: a NaN weight
+    (also in a tensor kept whole) is named and no mask changes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                           nn.Linear(16, 4))
     ts.sparsify(model)
-    updater = ts.MaskUpdater(model, ts.Uniform())
+    updater = ts.MaskUpdater(model, ts.Uniform() if policy == "uniform" else ts.NM(2, 4))
     updater.solver.sync_free = True
     updater.update(0.5, 2.0)
     before = [r.mask.hard_mask.clone() for r in ts.find_masks(model)]
@@ -529,7 +534,7 @@ def test_nm_rows_of_all_tensors_are_one_problem_with_the_masks_of_one_problem_ea
         monkeypatch: pytest.MonkeyPatch) -> None:
     """N:M: the rows of every masked tensor are selected and solved together (one selection,
     one Newton solve per update), and give each tensor the masks it gets alone."""
-    import torchspartan.allocation as allocation
+    import torchspartan.rows as rows_module
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 8, 1), nn.Flatten(),
@@ -538,13 +543,13 @@ def test_nm_rows_of_all_tensors_are_one_problem_with_the_masks_of_one_problem_ea
     twin = copy.deepcopy(model)
     together, alone = ts.MaskUpdater(model, ts.NM(2, 4)), ts.MaskUpdater(twin, ts.NM(2, 4))
     solves = []
-    solve_soft = allocation.solve_soft
+    solve_soft = rows_module.solve_soft
 
     def counted(pieces: list, *args: object, **kwargs: object) -> object:
         solves.append(pieces[0].units.shape[0])
         return solve_soft(pieces, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(allocation, "solve_soft", counted)
+    monkeypatch.setattr(rows_module, "solve_soft", counted)
     for step, beta in enumerate([2.0, 3.0, 4.0]):  # cold, then warm
         solves.clear()
         together.update(0.5, beta, step)

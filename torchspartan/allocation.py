@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torchspartan._blocks import BlockedViews, from_rows, to_rows
+from torchspartan._blocks import BlockedViews
 from torchspartan._chunks import abs_max
 from torchspartan._device import to_device
 from torchspartan._engine import (
@@ -31,6 +31,7 @@ from torchspartan._kernels import Scope
 from torchspartan._select import HINT_WIDTH, MIN_HINT_WIDTH, Hint, select_on_device
 from torchspartan.coupling import Batched, Coupling
 from torchspartan.mask import SpartanMask, update_masks
+from torchspartan.rows import Rows
 from torchspartan.sparsify import MaskRef
 
 __all__ = ["AllocationSolver", "bind"]
@@ -434,46 +435,12 @@ class AllocationSolver:
     def solve_rows(self, idx: tuple[int, ...], density: float, group: int, beta: float
                    ) -> tuple[int, float]:
         """N:M: every row of ``group`` entries along dim 1 of the masks ``idx`` keeps
-        ``density * group``. The rows of all of them (per dtype) are one problem: one batched
-        selection and one Newton solve, not one per tensor."""
-        budget = density * group
-        if budget >= group * (1 - 1e-12):
+        ``density * group``; one problem for all of them (:class:`~torchspartan.rows.Rows`),
+        checked as it goes, then written."""
+        if density * group >= group * (1 - 1e-12):
             self.fill(idx, True)
             return 0, 0.0
-        by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
-        for i in sorted(idx, key=lambda i: self.refs[i].mask.method != "spartan"):
-            rows = to_rows(self.refs[i].theta.abs(), group)
-            rows = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows
-            by_dtype.setdefault(rows.dtype, []).append((i, rows))
-        iterations, error = 0, 0.0
-        for members in by_dtype.values():  # the Spartan masks' rows first
-            units = torch.cat([rows for _, rows in members])
-            counts = [rows.shape[0] for _, rows in members]
-            budgets = torch.full((units.shape[0],), budget, dtype=torch.float64,
-                                 device=units.device)
-            hard, _ = hard_select([Piece(units, beta, 1.0, 0, rowwise=True)], budgets)
-            grids = {i: from_rows(h, self.refs[i].mask.hard_mask.shape, group).contiguous()
-                     for (i, _), h in zip(members, hard[0].split(counts), strict=True)}
-            soft = [(i, n) for (i, _), n in zip(members, counts, strict=True)
-                    if self.refs[i].mask.method == "spartan"]
-            taus: list[torch.Tensor] = []
-            if soft:
-                n_soft = sum(n for _, n in soft)
-                masks = [self.refs[i].mask for i, _ in soft]
-                warm = all(m.soft_active and m.threshold.shape == (n,)
-                           for m, (_, n) in zip(masks, soft, strict=True))
-                solution = solve_soft(
-                    [Piece(units.narrow(0, 0, n_soft), beta, 1.0, 0, rowwise=True)],
-                    budgets.narrow(0, 0, n_soft),
-                    tau_init=torch.cat([m.threshold for m in masks]) if warm else None)
-                taus = list(solution.tau.split([n for _, n in soft]))
-                iterations += solution.evaluations
-                error = max(error, float(solution.error.max()))
-            for (i, _), tau in zip(soft, taus, strict=True):
-                self.refs[i].mask.update(grids[i], threshold=tau, beta=beta, scope="local")
-            for i, _ in members[len(soft):]:
-                self.refs[i].mask.update(grids[i])
-        return iterations, error
+        return Rows(self.refs, idx, density, group, beta).commit()
 
 
 # Newton evaluations of a warm-started solve that makes no host sync (checked at the commit, and

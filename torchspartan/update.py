@@ -37,6 +37,7 @@ from torchspartan.policies import (
     check_allocations,
     normalise_costs,
 )
+from torchspartan.rows import rows_problem, update_rows
 from torchspartan.sharded import make_solver
 from torchspartan.sparsify import input_dim
 from torchspartan.state import (
@@ -221,7 +222,10 @@ class MaskUpdater:
         one_solve = len(allocs) == 1 and allocs[0].group is None and (
             0.0 < allocs[0].density < 1.0)
         alone = own_budgets(self.solver, allocs, self.alloc_index)
-        if not one_solve and not alone:
+        # N:M alone on the sync-free path: computed, then read once with its checks (rows.py)
+        rows = rows_problem(allocs, self.alloc_index) if (
+            self.solver.on_device and type(self.solver) is AllocationSolver) else None
+        if not one_solve and not alone and rows is None:
             # several problems, or none to solve: check every weight before the first mask is
             # written (one solved problem checks its own weights before it writes anything;
             # update_alone reads its checks with its values); the gate first, the same way
@@ -250,6 +254,12 @@ class MaskUpdater:
                     self.last_record = record
                     return record
                 # a default floor binds: the bounded solve below (nothing was written)
+            if rows is not None:
+                record = update_rows(self.refs, self.budget, *rows, beta, step, old,
+                                     alloc_density, self.collapsed)
+                self.couplings += attach(self.solver, self.couplings)
+                self.last_record = record
+                return record
             if alone:  # Uniform, ERK on the sync-free path: prepared, then one read
                 record, known = update_alone(self.solver, self.budget, alone, beta, step,
                                              old, alloc_density, self.collapsed)
