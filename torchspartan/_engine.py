@@ -401,9 +401,10 @@ def safeguarded_newton(
     evaluations = 1
     while True:
         if last(evaluations):
+            final = evaluations >= max_iter
             done, out = _stop(x, f, fp, fpp, lo, hi, tol * target, resolution, beta_max,
-                              max_shift)
-            if evaluations >= max_iter or bool(done.all()):
+                              max_shift, decide=not final)
+            if final or (done is not None and bool(done.all())):
                 return out[0], out[1], evaluations, out[2]
         lo = torch.where(f <= 0, x, lo)
         hi = torch.where(f >= 0, x, hi)
@@ -416,20 +417,22 @@ def safeguarded_newton(
 
 def _stop(x: torch.Tensor, f: torch.Tensor, fp: torch.Tensor, fpp: torch.Tensor | None,
           lo: torch.Tensor, hi: torch.Tensor, limit: torch.Tensor, resolution: float,
-          beta_max: torch.Tensor | None, max_shift: float
-          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Where :func:`safeguarded_newton` may stop after evaluating ``x``, and its answer
-    ``(x, |f| or its bound, f')`` there: ``x`` itself, or the certified Newton step from it."""
+          beta_max: torch.Tensor | None, max_shift: float, decide: bool = True
+          ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Where :func:`safeguarded_newton` may stop after evaluating ``x`` (None without
+    ``decide``: it stops anyway), and its answer ``(x, |f| or its bound, f')`` there: ``x``
+    itself, or the certified Newton step from it."""
     r = f.abs()
-    done = (r <= limit) | ((hi - lo) <= resolution * (1 + x.abs()))
+    done = (r <= limit) | ((hi - lo) <= resolution * (1 + x.abs())) if decide else None
     if fpp is None or beta_max is None:
         return done, (x, r, fp)
     dx = -f / fp
     a = beta_max * dx.abs()
     bound = r * (torch.expm1(a) - a) / a  # NaN for f = 0 or f' = 0: not taken
     take = (bound < r) & (bound <= limit) & (a <= max_shift)
-    return done | take, (torch.where(take, x + dx, x), torch.where(take, bound, r),
-                         torch.where(take, fp + fpp * dx, fp))
+    return done | take if done is not None else None, (
+        torch.where(take, x + dx, x), torch.where(take, bound, r),
+        torch.where(take, fp + fpp * dx, fp))
 
 
 def soft_backward(
