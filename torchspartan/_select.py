@@ -302,9 +302,10 @@ def select_flat(
     sample: _Sample | None = None
     attempt = 0
     first: tuple[float, float] | None = None
-    guess = hint if isinstance(hint, Hint) else None if hint is None else Hint(hint)
-    if guess is not None and math.isfinite(guess.value) and guess.value >= 0:
-        first = (guess.value * (1 - guess.width), guess.value * (1 + guess.width))
+    if hint is not None and not isinstance(hint, Hint):
+        hint = Hint(hint)  # a number: the widest window
+    if hint is not None and math.isfinite(hint.value) and hint.value >= 0:
+        first = (hint.value * (1 - hint.width), hint.value * (1 + hint.width))
     while True:
         if first is not None:
             a, b = max(first[0], lo), min(first[1], hi)

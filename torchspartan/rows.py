@@ -15,6 +15,7 @@ tensor. :class:`Rows` computes it without writing a mask; :meth:`Rows.commit` wr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,16 @@ __all__ = ["Rows", "rows_problem", "update_rows"]
 # Newton evaluations of the sync-free N:M solve (checked at the read): its start is last step's
 # threshold of every row, with no drift to follow.
 ROWS_UNCHECKED = 4
+
+
+class _Part(NamedTuple):
+    """The masks of one dtype: their indices (the Spartan ones first), the Spartan ones with
+    their numbers of rows, and the soft problem of those rows (piece, budgets, largest unit
+    value per row) with its solution (None without a Spartan mask)."""
+
+    members: list[int]
+    soft: list[tuple[int, int]]
+    solve: tuple[Piece, torch.Tensor, torch.Tensor, SoftSolution] | None
 
 
 class Rows:
@@ -50,9 +61,7 @@ class Rows:
             rows = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows
             by_dtype.setdefault(rows.dtype, []).append((i, rows))
         self.grids: dict[int, torch.Tensor] = {}
-        # per dtype: its masks, its Spartan masks with their rows, and the soft solve
-        self.parts: list[tuple[list[int], list[tuple[int, int]], Piece | None,
-                               torch.Tensor | None, SoftSolution | None]] = []
+        self.parts: list[_Part] = []
         finite, errors = [], []
         for members in by_dtype.values():  # the Spartan masks' rows first
             units = torch.cat([rows for _, rows in members])
@@ -65,23 +74,28 @@ class Rows:
                 for (i, _), h in zip(members, hard[0].split(counts), strict=True))
             soft = [(i, n) for (i, _), n in zip(members, counts, strict=True)
                     if refs[i].mask.method == "spartan"]
-            piece, soft_budgets, solution = None, None, None
-            if soft:
-                n_soft = sum(n for _, n in soft)
+            n_soft = sum(n for _, n in soft)
+            # the rows' largest unit values: Newton's bracket, and on the sync-free path also
+            # the weights' finiteness (NaN and Inf propagate into them), in one pass
+            row_max = units.amax(-1) if unchecked is not None else (
+                units.narrow(0, 0, n_soft).amax(-1) if soft else None)
+            if unchecked is not None and row_max is not None:
+                finite.append(torch.isfinite(row_max).all())
+            solve = None
+            if soft and row_max is not None:
                 masks = [refs[i].mask for i, _ in soft]
                 warm = all(m.soft_active and m.threshold.shape == (n,)
                            for m, (_, n) in zip(masks, soft, strict=True))
                 piece = Piece(units.narrow(0, 0, n_soft), beta, 1.0, 0, rowwise=True)
-                soft_budgets = budgets.narrow(0, 0, n_soft)
+                soft_budgets, unit_max = budgets.narrow(0, 0, n_soft), row_max[:n_soft].double()
                 solution = solve_soft(
-                    [piece], soft_budgets,
+                    [piece], soft_budgets, unit_max=unit_max,
                     tau_init=torch.cat([m.threshold for m in masks]) if warm else None,
                     max_iter=unchecked if unchecked is not None else 100,
                     check=unchecked is None)
                 errors.append(solution.error.max())
-            if unchecked is not None:  # NaN and Inf propagate into the largest unit value
-                finite.append(torch.isfinite(units.amax()))
-            self.parts.append(([i for i, _ in members], soft, piece, soft_budgets, solution))
+                solve = (piece, soft_budgets, unit_max, solution)
+            self.parts.append(_Part([i for i, _ in members], soft, solve))
         self.scalars: list[torch.Tensor] = []
         if unchecked is not None:
             self.scalars = [torch.stack(finite).all().double(),
@@ -92,26 +106,26 @@ class Rows:
         """Write the masks; ``error``: the solve's budget error as read with :attr:`scalars` (a
         solve not yet within the tolerance goes on, checked), None on the host path (every
         solve already checked). Returns the Newton evaluations and the budget error."""
+        go_on = error is not None and not error <= TOLERANCE
         iterations, worst = 0, 0.0
-        for members, soft, piece, budgets, solution in self.parts:
+        for part in self.parts:
             taus: list[torch.Tensor] = []
-            if solution is not None and piece is not None and budgets is not None:
+            if part.solve is not None:
+                piece, budgets, unit_max, solution = part.solve
                 iterations += solution.evaluations
-                if error is not None and not error <= TOLERANCE:
-                    solution = solve_soft([piece], budgets, tau_init=solution.tau)
+                if go_on:
+                    solution = solve_soft([piece], budgets, unit_max=unit_max,
+                                          tau_init=solution.tau)
                     iterations += solution.evaluations
+                if error is None or go_on:
                     worst = max(worst, float(solution.error.max()))
-                elif error is None:
-                    worst = max(worst, float(solution.error.max()))
-                taus = list(solution.tau.split([n for _, n in soft]))
-            for (i, _), tau in zip(soft, taus, strict=True):
+                taus = list(solution.tau.split([n for _, n in part.soft]))
+            for (i, _), tau in zip(part.soft, taus, strict=True):
                 self.refs[i].mask.update(self.grids[i], threshold=tau, beta=self.beta,
                                          scope="local")
-            for i in members[len(soft):]:
+            for i in part.members[len(part.soft):]:
                 self.refs[i].mask.update(self.grids[i])
-        if error is not None and error <= TOLERANCE:
-            worst = error
-        return iterations, worst
+        return iterations, worst if error is None or go_on else error
 
 
 def rows_problem(allocs: Sequence[Allocation], alloc_index: Sequence[int]
