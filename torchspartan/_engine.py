@@ -128,9 +128,9 @@ def _cost_sums(p: Piece, m: torch.Tensor, cubes: bool) -> torch.Tensor:
     if p.lengths is not None:  # unit costs (a number), one sum per segment of the buffer,
         # in float64 (a segment reduction may add sequentially: float32 would miss 1e-6)
         flat = m.reshape(-1).double()
-        power = flat.clone()
-        sums = [torch.segment_reduce(flat, "sum", lengths=p.lengths)]
-        for _ in range(2 if cubes else 1):
+        power = flat * flat
+        sums = [torch.segment_reduce(x, "sum", lengths=p.lengths) for x in (flat, power)]
+        if cubes:
             sums.append(torch.segment_reduce(power.mul_(flat), "sum", lengths=p.lengths))
         return torch.stack(sums) * p.cost
     if isinstance(p.cost, torch.Tensor):
