@@ -205,9 +205,13 @@ class MaskUpdater:
         """
         self.budget.gate = skip
         try:
-            return self._update(density, beta, step)
+            record = self._update(density, beta, step)
         finally:
             self.budget.gate = None
+        if self.solver.on_device:  # the next forward's masked weights, queued now
+            for coupling in self.couplings:
+                coupling.prefetch()
+        return record
 
     def _update(self, density: float, beta: float, step: int) -> StepRecord:
         self.check_bindings()
