@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import batches, block_expand, block_reduce, block_sizes, convnet, floored_mlp, mlp
+from helpers import block_expand, block_reduce, block_sizes, convnet, floored_mlp, mlp
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchspartan as ts
 from torchspartan._select import HINT_WIDTH, MIN_HINT_WIDTH
 from torchspartan.allocation import NEWTON_DRIFTING
-from torchspartan.coupling import Coupling
 
 torch.set_flush_denormal(True)
 ROOT = Path(__file__).resolve().parents[1]
@@ -616,55 +614,6 @@ def test_the_batched_node_follows_in_place_changes_of_each_mask() -> None:
     assert w0 is not w[0]
     torch.testing.assert_close(w0, first_mask.factor(refs[0].theta) * refs[0].theta,
                                rtol=1e-12, atol=0)
-
-
-class _Ops(TorchDispatchMode):
-    """The names of the aten ops dispatched inside the context."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("amp", [False, True])
-def test_the_sync_free_step_computes_the_next_forwards_weights(
-        amp: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the sync-free path an update ends by computing the batched node of the next forward
-    (on a GPU the device computes it while the host runs from the step to the forward): the
-    forward then computes no soft mask, and training is bit for bit what it is without that
-    (under autocast too: the node's multi-tensor ops are not autocast's)."""
-    data = batches(6, (6,), dtype=torch.float32, batch=16)
-
-    def run(prefetch: bool) -> tuple[list[torch.Tensor], list[int]]:
-        model = mlp(dtype=torch.float32, width=16)
-        ts.sparsify(model, min_density=0.0)
-        if not prefetch:
-            monkeypatch.setattr(Coupling, "prefetch", lambda self: None)
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        opt = ts.DualAveraging(base, model, sparsity=0.8, total_steps=20)
-        opt.updater.solver.sync_free = True
-        sigmoids = []
-        for x, y in data:
-            opt.zero_grad()
-            with _Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = nn.functional.cross_entropy(model(x), y)
-            sigmoids.append(sum("sigmoid" in name for name in ops.names))
-            loss.backward()
-            opt.step()
-        monkeypatch.undo()
-        return [p.detach().clone() for p in model.parameters()] + [
-            r.mask.hard_mask.clone() for r in ts.find_masks(model)], sigmoids
-
-    ahead, in_forward = run(True)
-    alone, computed = run(False)
-    # from the second step on (the constructor's masks are not soft yet)
-    assert in_forward[1:] == [0] * 5 and all(n > 0 for n in computed[1:]), (in_forward, computed)
-    for a, b in zip(ahead, alone, strict=True):
-        assert torch.equal(a, b)
 
 
 def test_newton_starts_follow_the_drift_of_the_soft_thresholds_offset() -> None:

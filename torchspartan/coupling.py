@@ -130,36 +130,22 @@ class Coupling:
         k, grad = self._index[id(mask)], torch.is_grad_enabled()
         cached = self._weights
         if cached is None or cached[1] != grad or cached[0][k] != self._stamp(k):
-            cached = self._compute(grad)
+            if self.batched is None:
+                raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
+            thetas = self.thetas + self.local_thetas
+            b = self.batched
+            views = [self.views.of(t, s) for t, s in zip(thetas, b.sizes, strict=True)] if (
+                b.blocked) else None
+            info = _Info(b, self.slope, [m.hard_mask for m in self.masks + self.locals], views)
+            self._weights = None  # the last ones are freed before the new ones are made
+            if grad:
+                ws = _BatchedWeights.apply(info, *thetas)
+            else:
+                with torch.no_grad():
+                    ws = _batched_forward(info, thetas)
+            stamps = tuple(self._stamp(j) for j in range(len(thetas)))
+            self._weights = cached = (stamps, grad, tuple(ws))
         return cached[2][k]
-
-    def prefetch(self) -> None:
-        """Compute every masked weight of the segment now, with gradients, as the next forward
-        pass's first masked layer would (:meth:`weight` then finds them). Called at the end of
-        an update on the sync-free path: the device computes them while the host runs the code
-        between the optimizer step and the forward's first layer, instead of after it."""
-        if self.batched is not None and (self.thetas or self.local_thetas):
-            with torch.enable_grad():
-                self._compute(True)
-
-    def _compute(self, grad: bool) -> tuple[tuple[tuple[int, int], ...], bool,
-                                            tuple[torch.Tensor, ...]]:
-        if self.batched is None:
-            raise RuntimeError("Coupling.weight needs a batched coupling; use threshold()")
-        thetas = self.thetas + self.local_thetas
-        b = self.batched
-        views = [self.views.of(t, s) for t, s in zip(thetas, b.sizes, strict=True)] if (
-            b.blocked) else None
-        info = _Info(b, self.slope, [m.hard_mask for m in self.masks + self.locals], views)
-        self._weights = None  # free the last ones before the new ones are made
-        if grad:
-            ws = _BatchedWeights.apply(info, *thetas)
-        else:
-            with torch.no_grad():
-                ws = _batched_forward(info, thetas)
-        stamps = tuple(self._stamp(j) for j in range(len(thetas)))
-        self._weights = (stamps, grad, tuple(ws))
-        return self._weights
 
     @torch.compiler.disable
     def threshold(self) -> torch.Tensor:

@@ -205,13 +205,9 @@ class MaskUpdater:
         """
         self.budget.gate = skip
         try:
-            record = self._update(density, beta, step)
+            return self._update(density, beta, step)
         finally:
             self.budget.gate = None
-        if self.solver.on_device:  # the next forward's masked weights, queued now
-            for coupling in self.couplings:
-                coupling.prefetch()
-        return record
 
     def _update(self, density: float, beta: float, step: int) -> StepRecord:
         self.check_bindings()
