@@ -28,6 +28,7 @@ import torch
 
 from torchspartan._chunks import moments, sigmoid_sums
 from torchspartan._device import to_device
+from torchspartan._fused import sigmoid_moments
 from torchspartan._select import Hint, select_flat
 
 __all__ = [
@@ -263,9 +264,10 @@ def solve_soft(
         tau = -x
         if single:
             p, m, beta = pieces[0], work[0], float(pieces[0].beta)
-            flat = torch.add((-beta * tau[0]).to(cdt), p.units, alpha=beta, out=m).sigmoid_()
-            return _derivatives(moments(flat, curvature).mul_(float(p.cost)).unsqueeze(1), betas,
-                                budgets)
+            shift = (-beta * tau[0]).to(cdt)
+            sums = (moments(torch.add(shift, p.units, alpha=beta, out=m).sigmoid_(), curvature)
+                    if masks else sigmoid_moments(p.units, beta, shift, curvature, m))
+            return _derivatives(sums.mul_(float(p.cost)).unsqueeze(1), betas, budgets)
         parts = []
         for p, m in zip(pieces, work, strict=True):
             if m is None:  # a CPU piece with a number for beta and cost: chunk by chunk

@@ -35,6 +35,7 @@ import torch
 
 from torchspartan._chunks import count_true, split_window
 from torchspartan._device import to_device
+from torchspartan._fused import bin_index
 
 __all__ = ["HINT_WIDTH", "MIN_HINT_WIDTH", "Hint", "select_flat", "select_segments_on_device",
            "select_top_budget"]
@@ -426,9 +427,7 @@ def select_on_device(units: torch.Tensor, count: int) -> tuple[torch.Tensor, tor
     # (most of them) are counted in _LANES bins each, picked by their low key bits: the atomic
     # adds of a GPU to one bin would queue (10 ms for 25M entries on an H200; 1.9 ms spread)
     b = _KEY_BINS
-    rel = keys - (key_lo - 1)
-    lane = keys.bitwise_and(_LANES - 1)
-    idx = torch.where(rel < 1, lane + (b + 2), torch.where(rel > b, lane + (b + 2 + _LANES), rel))
+    idx = bin_index(keys, key_lo, b, _LANES)
     spread = torch.zeros(b + 2 + 2 * _LANES, dtype=count_dtype, device=units.device).index_add_(
         0, idx, torch.ones(1, dtype=count_dtype, device=units.device).expand(n))
     ends = spread[b + 2:].view(2, _LANES).sum(1, dtype=count_dtype)

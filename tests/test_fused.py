@@ -1,0 +1,116 @@
+"""The compiled elementwise chains of the sync-free update (``torchspartan._fused``), compiled
+here for the CPU (on a GPU they are compiled for CUDA tensors; the CUDA tests run them there)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import torchspartan as ts
+import torchspartan._fused as fused
+from torchspartan._select import select_on_device, select_top_budget
+
+
+@pytest.fixture(scope="module")
+def cpu_compiler() -> None:
+    try:
+        torch.compile(lambda x: x + 1, fullgraph=True)(torch.ones(3))
+    except Exception as exc:  # e.g. no C++ compiler on this machine
+        pytest.skip(f"torch.compile cannot build for this CPU: {exc!r:.200}")
+
+
+@pytest.fixture
+def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "COMPILED_ON", {"cpu", "cuda"})
+    # fresh wrappers: nothing compiled or failed from another test
+    monkeypatch.setattr(fused, "_bin_index_compiled", fused._Compiled(fused._bin_index))
+    monkeypatch.setattr(fused, "_sigmoid_moments_compiled", fused._Compiled(
+        fused._sigmoid_moments, fused._sigmoid_moments_eager))
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def compiled_on_cpu(fresh: None, cpu_compiler: None) -> None:
+    pass
+
+
+def test_compiled_bins_and_moments_are_the_eager_ones(compiled_on_cpu: None) -> None:
+    """The bins are exactly the eager ops' (int32); the moments agree to float32 rounding; and
+    moving sharpness and shifts compile at most twice per variant (then as inputs), never once
+    per step."""
+    u = torch.rand(300_007, generator=torch.Generator().manual_seed(0))
+    keys = u.view(torch.int32)
+    for k in (0, 17, 2024):
+        key_lo = keys[k].clone()
+        assert torch.equal(fused.bin_index(keys, key_lo, 1 << 22, 1 << 12),
+                           fused._bin_index(keys, key_lo, 1 << 22, 1 << 12))
+    counters.clear()
+    out = torch.empty_like(u)
+    for step in range(5):
+        beta, shift = 2.0 + 0.3 * step, torch.tensor(-1.0 - 0.2 * step)
+        for cubes in (False, True):
+            got = fused.sigmoid_moments(u, beta, shift, cubes, out)
+            want = fused._sigmoid_moments_eager(u, beta, shift, cubes, out)
+            assert got.dtype == torch.float64 and got.shape == (3 if cubes else 2,)
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    assert counters["stats"]["unique_graphs"] <= 4
+    assert not fused._sigmoid_moments_compiled.failed and not fused._bin_index_compiled.failed
+
+
+def test_the_device_selection_with_compiled_bins_is_the_host_selection(
+        compiled_on_cpu: None) -> None:
+    # past the sample size: the histogram route, with ties straddling the boundary
+    for n, count, ties in [(400_000, 20_000, False), (300_000, 123_457, True)]:
+        u = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
+        if ties:
+            u = (u * 4).round()
+        mask, threshold, ok = select_on_device(u, count)
+        exact, t = select_top_budget([u], [1.0], float(count))
+        assert bool(ok) and torch.equal(mask, exact[0]) and float(threshold) == t
+
+
+def test_a_failed_compile_warns_once_and_runs_the_eager_ops(
+        fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no backend here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    u = torch.rand(1000)
+    keys, key_lo = u.view(torch.int32), u.view(torch.int32)[3].clone()
+    with pytest.warns(UserWarning, match="compiling _bin_index failed.*eager ops"):
+        got = fused.bin_index(keys, key_lo, 1 << 22, 1 << 12)
+    assert torch.equal(got, fused._bin_index(keys, key_lo, 1 << 22, 1 << 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next call runs the eager ops quietly
+        fused.bin_index(keys, key_lo, 1 << 22, 1 << 12)
+
+
+def test_sync_free_training_with_compiled_chains_keeps_its_promises(
+        compiled_on_cpu: None) -> None:
+    """A sync-free run whose selection and Newton evaluations take the compiled kernels keeps
+    the exact budget and the Newton tolerance at every step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 800), torch.nn.Tanh(),
+                                torch.nn.Linear(800, 10))  # past the sample: the histogram
+    ts.sparsify(model, min_density=0.0)
+    base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = ts.DualAveraging(base, model, sparsity=0.9, total_steps=40)
+    opt.updater.solver.sync_free = True
+    x, y = torch.randn(64, 300), torch.randint(0, 10, (64,))
+    masked = sum(r.theta.numel() for r in ts.find_masks(model))
+    for _ in range(6):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        record = opt.last_record
+        assert record is not None and record.budget_error <= 1e-4
+        kept = sum(int(r.mask.hard_mask.sum()) for r in ts.find_masks(model))
+        assert kept == round(record.target_density * masked)
+    assert not fused._sigmoid_moments_compiled.failed and not fused._bin_index_compiled.failed
+    assert fused._sigmoid_moments_compiled.compiled is not None
+    assert fused._bin_index_compiled.compiled is not None
