@@ -27,8 +27,10 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "COMPILED_ON", {"cpu", "cuda"})
     # fresh wrappers: nothing compiled or failed from another test
     monkeypatch.setattr(fused, "_bin_index_compiled", fused._Compiled(fused._bin_index))
-    monkeypatch.setattr(fused, "_sigmoid_moments_compiled", fused._Compiled(
-        fused._sigmoid_moments, fused._sigmoid_moments_eager))
+    monkeypatch.setattr(fused, "_moments2_compiled", fused._Compiled(fused._moments2,
+                                                                     fused._moments2_eager))
+    monkeypatch.setattr(fused, "_moments3_compiled", fused._Compiled(fused._moments3,
+                                                                     fused._moments3_eager))
     torch._dynamo.reset()
 
 
@@ -39,25 +41,27 @@ def compiled_on_cpu(fresh: None, cpu_compiler: None) -> None:
 
 def test_compiled_bins_and_moments_are_the_eager_ones(compiled_on_cpu: None) -> None:
     """The bins are exactly the eager ops' (int32); the moments agree to float32 rounding; and
-    moving sharpness and shifts compile at most twice per variant (then as inputs), never once
-    per step."""
-    u = torch.rand(300_007, generator=torch.Generator().manual_seed(0))
-    keys = u.view(torch.int32)
-    for k in (0, 17, 2024):
-        key_lo = keys[k].clone()
-        assert torch.equal(fused.bin_index(keys, key_lo, 1 << 22, 1 << 12),
-                           fused._bin_index(keys, key_lo, 1 << 22, 1 << 12))
+    each function compiles once, whatever the problem size, the sharpness and the shift (a
+    recompile costs seconds in the middle of training)."""
     counters.clear()
-    out = torch.empty_like(u)
-    for step in range(5):
-        beta, shift = 2.0 + 0.3 * step, torch.tensor(-1.0 - 0.2 * step)
-        for cubes in (False, True):
-            got = fused.sigmoid_moments(u, beta, shift, cubes, out)
-            want = fused._sigmoid_moments_eager(u, beta, shift, cubes, out)
-            assert got.dtype == torch.float64 and got.shape == (3 if cubes else 2,)
-            torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
-    assert counters["stats"]["unique_graphs"] <= 4
-    assert not fused._sigmoid_moments_compiled.failed and not fused._bin_index_compiled.failed
+    for n in (300_007, 16_390):
+        u = torch.rand(1, n, generator=torch.Generator().manual_seed(n))
+        keys = u.view(torch.int32).reshape(-1)
+        for key_lo in (keys[0].clone(), keys[17], keys.new_zeros(())):  # views as well
+            assert torch.equal(fused.bin_index(keys, key_lo, 1 << 22, 1 << 12),
+                               fused._bin_index(keys, key_lo, 1 << 22, 1 << 12))
+        out = torch.empty_like(u)
+        for step in range(3):
+            beta, shift = 2.0 + 0.3 * step, torch.tensor(-1.0 - 0.2 * step)
+            for cubes in (False, True):
+                got = fused.sigmoid_moments(u, beta, shift, cubes, out)
+                eager = fused._moments3_eager if cubes else fused._moments2_eager
+                want = eager(u, beta, shift, out)
+                assert got.dtype == torch.float64 and got.shape == (3 if cubes else 2,)
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    assert counters["stats"]["unique_graphs"] == 3  # bins, moments, moments with cubes
+    for f in (fused._bin_index_compiled, fused._moments2_compiled, fused._moments3_compiled):
+        assert not f.failed and f.compiled is not None
 
 
 def test_the_device_selection_with_compiled_bins_is_the_host_selection(
@@ -102,6 +106,7 @@ def test_sync_free_training_with_compiled_chains_keeps_its_promises(
     opt = ts.DualAveraging(base, model, sparsity=0.9, total_steps=40)
     opt.updater.solver.sync_free = True
     x, y = torch.randn(64, 300), torch.randint(0, 10, (64,))
+    counters.clear()
     masked = sum(r.theta.numel() for r in ts.find_masks(model))
     for _ in range(6):
         opt.zero_grad()
@@ -111,6 +116,7 @@ def test_sync_free_training_with_compiled_chains_keeps_its_promises(
         assert record is not None and record.budget_error <= 1e-4
         kept = sum(int(r.mask.hard_mask.sum()) for r in ts.find_masks(model))
         assert kept == round(record.target_density * masked)
-    assert not fused._sigmoid_moments_compiled.failed and not fused._bin_index_compiled.failed
-    assert fused._sigmoid_moments_compiled.compiled is not None
+    assert not fused._moments2_compiled.failed and not fused._bin_index_compiled.failed
+    assert fused._moments2_compiled.compiled is not None
     assert fused._bin_index_compiled.compiled is not None
+    assert counters["stats"]["unique_graphs"] <= 3  # compiled once each, at the first step

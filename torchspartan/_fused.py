@@ -9,8 +9,9 @@ kernel that reads the scores once:
 - :func:`sigmoid_moments`: one Newton evaluation, ``sum m``, ``sum m^2`` (and ``sum m^3``) of
   ``m = sigmoid(beta u + shift)``: four to seven passes as separate ops.
 
-Each function is its eager ops, compiled on first use for CUDA tensors (:data:`COMPILED_ON`)
-with ``beta`` and every shift as inputs, not constants (no recompile as they move). When
+Each function is its eager ops, compiled once, on first use, for CUDA tensors
+(:data:`COMPILED_ON`), with the sizes, ``beta`` and every shift as inputs, not constants: no
+recompile as they move (a recompile costs seconds in the middle of training). When
 compiling fails (no Triton, an unsupported setup) it warns once and runs the eager ops, which
 compute the same values (the bins exactly; the sums up to the order of the additions).
 ``TORCHSPARTAN_COMPILE=0`` in the environment keeps the eager ops everywhere.
@@ -35,8 +36,8 @@ COMPILED_ON = {"cuda"}
 
 
 class _Compiled:
-    """``fn`` compiled on first use for tensors of :data:`COMPILED_ON`; ``eager`` (default
-    ``fn``) else, and after compiling failed."""
+    """``fn`` compiled on first use for contiguous tensors of :data:`COMPILED_ON`; ``eager``
+    (default ``fn``) else, and after compiling failed."""
 
     def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None) -> None:
         self.fn = fn
@@ -45,10 +46,12 @@ class _Compiled:
         self.failed = os.environ.get("TORCHSPARTAN_COMPILE", "1") == "0"
 
     def __call__(self, x: torch.Tensor, *args: Any) -> Any:
-        if self.failed or x.device.type not in COMPILED_ON:
-            return self.eager(x, *args)
+        if self.failed or x.device.type not in COMPILED_ON or not x.is_contiguous():
+            return self.eager(x, *args)  # (a strided sample would be a second compile)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, fullgraph=True)
+            # shapes and numbers as inputs from the first compile: one kernel for every
+            # problem size and sharpness (a recompile costs seconds, mid-training)
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
         try:
             return self.compiled(x, *args)
         except Exception as exc:  # the eager ops compute the same values
@@ -66,21 +69,33 @@ def _bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
                        torch.where(rel > bins, lane + (bins + 2 + lanes), rel))
 
 
-def _sigmoid_moments(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes: bool,
-                     out: torch.Tensor | None) -> torch.Tensor:
+def _moments2(units: torch.Tensor, beta: float, shift: torch.Tensor,
+              out: torch.Tensor | None) -> torch.Tensor:
+    m = torch.sigmoid(units * beta + shift)
+    return torch.stack([m.sum(), (m * m).sum()]).double()
+
+
+def _moments3(units: torch.Tensor, beta: float, shift: torch.Tensor,
+              out: torch.Tensor | None) -> torch.Tensor:
     m = torch.sigmoid(units * beta + shift)
     sq = m * m
-    sums = [m.sum(), sq.sum()] + ([(sq * m).sum()] if cubes else [])
-    return torch.stack(sums).double()
+    return torch.stack([m.sum(), sq.sum(), (sq * m).sum()]).double()
 
 
-def _sigmoid_moments_eager(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes: bool,
-                           out: torch.Tensor | None) -> torch.Tensor:
-    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), cubes)
+def _moments2_eager(units: torch.Tensor, beta: float, shift: torch.Tensor,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), False)
 
 
+def _moments3_eager(units: torch.Tensor, beta: float, shift: torch.Tensor,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), True)
+
+
+# one compiled function per variant (a flag argument would be a guard: two compiles each)
 _bin_index_compiled = _Compiled(_bin_index)
-_sigmoid_moments_compiled = _Compiled(_sigmoid_moments, _sigmoid_moments_eager)
+_moments2_compiled = _Compiled(_moments2, _moments2_eager)
+_moments3_compiled = _Compiled(_moments3, _moments3_eager)
 
 
 def bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
@@ -99,4 +114,4 @@ def sigmoid_moments(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes
     ``m = sigmoid(beta * units + shift)`` (``shift``: 0-dim), summed in the units' dtype,
     returned in float64. The eager ops write ``m`` into ``out`` (the compiled kernel writes
     nothing)."""
-    return _sigmoid_moments_compiled(units, beta, shift, cubes, out)
+    return (_moments3_compiled if cubes else _moments2_compiled)(units, beta, shift, out)
