@@ -11,7 +11,10 @@ from torch._dynamo.utils import counters
 
 import torchspartan as ts
 import torchspartan._fused as fused
+import torchspartan.coupling as coupling
 from torchspartan._select import select_on_device, select_top_budget
+
+from helpers import floored_mlp
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +29,14 @@ def cpu_compiler() -> None:
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "COMPILED_ON", {"cpu", "cuda"})
     # fresh wrappers: nothing compiled or failed from another test
-    monkeypatch.setattr(fused, "_bin_index_compiled", fused._Compiled(fused._bin_index))
-    monkeypatch.setattr(fused, "_moments2_compiled", fused._Compiled(fused._moments2,
-                                                                     fused._moments2_eager))
-    monkeypatch.setattr(fused, "_moments3_compiled", fused._Compiled(fused._moments3,
-                                                                     fused._moments3_eager))
+    monkeypatch.setattr(fused, "_bin_index_compiled", fused.Compiled(fused._bin_index))
+    monkeypatch.setattr(fused, "_moments2_compiled", fused.Compiled(fused._moments2,
+                                                                    fused._moments2_eager))
+    monkeypatch.setattr(fused, "_moments3_compiled", fused.Compiled(fused._moments3,
+                                                                    fused._moments3_eager))
+    for name, fn in (("_WEIGHTS", fused.masked_weights), ("_GRAD_SUMS", fused.weight_grad_sums),
+                     ("_GRADS", fused.weight_grads)):
+        monkeypatch.setattr(coupling, name, fused.Compiled(fn, dynamic=False, contiguous=False))
     torch._dynamo.reset()
 
 
@@ -119,4 +125,45 @@ def test_sync_free_training_with_compiled_chains_keeps_its_promises(
     assert not fused._moments2_compiled.failed and not fused._bin_index_compiled.failed
     assert fused._moments2_compiled.compiled is not None
     assert fused._bin_index_compiled.compiled is not None
-    assert counters["stats"]["unique_graphs"] <= 3  # compiled once each, at the first step
+    # compiled once each, at the first steps: bins, the sums with and without cubes, and the
+    # masked weights' forward and two backward passes
+    assert counters["stats"]["unique_graphs"] <= 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_masked_weights_and_gradients_are_the_eager_ones(
+        compiled_on_cpu: None, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The batched node's forward and backward as one compiled pass per weight: the masked
+    weights and every gradient (the shared budget's cross term and the held layers' own) are
+    the multi-tensor ops', and the three kernels compile once over a run whose masks,
+    thresholds and sharpness change every step."""
+    def run(compiled: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        monkeypatch.setattr(fused, "COMPILED_ON", {"cpu"} if compiled else set())
+        torch.manual_seed(0)
+        model = floored_mlp().to(dtype)
+        ts.sparsify(model)
+        base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = ts.DualAveraging(base, model, sparsity=0.95, total_steps=20)
+        x = torch.randn(16, 32, dtype=dtype)
+        y = torch.randint(0, 10, (16,))
+        weights, grads = [], []
+        counters.clear()
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            refs = ts.find_masks(model)
+            weights += [getattr(r.module, r.tensor_name).detach().clone() for r in refs]
+            grads += [r.theta.grad.clone() for r in refs]
+            opt.step()
+        held = sum(len(c.locals) for c in opt.updater.couplings)
+        assert held > 0  # the floors hold layers: their own budgets in the node too
+        return weights, grads, counters["stats"]["unique_graphs"]
+
+    w_fused, g_fused, graphs = run(True)
+    w_eager, g_eager, _ = run(False)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for a, b in zip(w_fused + g_fused, w_eager + g_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+    assert graphs == 3
+    assert all(f.compiled is not None and not f.failed
+               for f in (coupling._WEIGHTS, coupling._GRAD_SUMS, coupling._GRADS))

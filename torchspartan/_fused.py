@@ -21,44 +21,60 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from torchspartan._chunks import moments
 
-__all__ = ["COMPILED_ON", "bin_index", "sigmoid_moments"]
+__all__ = ["COMPILED_ON", "Compiled", "bin_index", "masked_weights", "sigmoid_moments",
+           "weight_grad_sums", "weight_grads"]
 
 # The device types whose tensors take the compiled kernels (a CPU takes the chunked routes of
 # ``_chunks``, which keep a chunk in the cache instead).
 COMPILED_ON = {"cuda"}
 
 
-class _Compiled:
-    """``fn`` compiled on first use for contiguous tensors of :data:`COMPILED_ON`; ``eager``
-    (default ``fn``) else, and after compiling failed."""
+class Compiled:
+    """``fn`` compiled on first use where its first argument (a tensor, or a list of them) is
+    on a device of :data:`COMPILED_ON`; ``eager`` (default ``fn``) else, and once compiling
+    failed (warned once). ``dynamic``: shapes and numbers as inputs from the first compile (one
+    kernel for every problem size and sharpness: a recompile costs seconds, mid-training);
+    else one compile per set of shapes (the weights of one model). ``contiguous``: strided
+    inputs take ``eager`` (a strided sample would be a second compile)."""
 
-    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None, *,
+                 dynamic: bool = True, contiguous: bool = True) -> None:
         self.fn = fn
         self.eager = eager if eager is not None else fn
+        self.dynamic, self.contiguous = dynamic, contiguous
         self.compiled: Callable[..., Any] | None = None
         self.failed = os.environ.get("TORCHSPARTAN_COMPILE", "1") == "0"
 
-    def __call__(self, x: torch.Tensor, *args: Any) -> Any:
-        if self.failed or x.device.type not in COMPILED_ON or not x.is_contiguous():
-            return self.eager(x, *args)  # (a strided sample would be a second compile)
+    def applies(self, first: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+        x = first if isinstance(first, torch.Tensor) else first[0]
+        return not self.failed and x.device.type in COMPILED_ON and (
+            not self.contiguous or x.is_contiguous())
+
+    def try_call(self, *args: Any) -> Any:
+        """The compiled function's result, or None where it does not apply or compiling
+        failed (the caller then runs its eager ops)."""
+        if not self.applies(args[0]):
+            return None
         if self.compiled is None:
-            # shapes and numbers as inputs from the first compile: one kernel for every
-            # problem size and sharpness (a recompile costs seconds, mid-training)
-            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=True)
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic)
         try:
-            return self.compiled(x, *args)
+            return self.compiled(*args)
         except Exception as exc:  # the eager ops compute the same values
             self.failed = True
             warnings.warn(f"torchspartan: compiling {self.fn.__name__} failed ({exc!r:.300}); "
-                          f"the mask update runs its eager ops", stacklevel=3)
-            return self.eager(x, *args)
+                          f"the masks run their eager ops", stacklevel=3)
+            return None
+
+    def __call__(self, *args: Any) -> Any:
+        out = self.try_call(*args)
+        return self.eager(*args) if out is None else out
 
 
 def _bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
@@ -93,9 +109,9 @@ def _moments3_eager(units: torch.Tensor, beta: float, shift: torch.Tensor,
 
 
 # one compiled function per variant (a flag argument would be a guard: two compiles each)
-_bin_index_compiled = _Compiled(_bin_index)
-_moments2_compiled = _Compiled(_moments2, _moments2_eager)
-_moments3_compiled = _Compiled(_moments3, _moments3_eager)
+_bin_index_compiled = Compiled(_bin_index)
+_moments2_compiled = Compiled(_moments2, _moments2_eager)
+_moments3_compiled = Compiled(_moments3, _moments3_eager)
 
 
 def bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
@@ -115,3 +131,43 @@ def sigmoid_moments(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes
     returned in float64. The eager ops write ``m`` into ``out`` (the compiled kernel writes
     nothing)."""
     return (_moments3_compiled if cubes else _moments2_compiled)(units, beta, shift, out)
+
+
+# -- the batched masked weights of unstructured Spartan masks (coupling.py) ------------------
+# ``params``: the tensors' ``beta_k / c_k`` then their offsets ``-beta_k tau_k``, one vector in
+# the weights' dtype; ``m_k = sigmoid(|theta_k| beta_k / c_k - beta_k tau_k)``.
+
+
+def masked_weights(thetas: list[torch.Tensor], hards: list[torch.Tensor], params: torch.Tensor
+                   ) -> list[torch.Tensor]:
+    """``theta m h`` of every tensor, one pass each (the eager ops take six)."""
+    k = len(thetas)
+    return [t * torch.sigmoid(t.abs() * params[i] + params[k + i]) * h
+            for i, (t, h) in enumerate(zip(thetas, hards, strict=True))]
+
+
+def weight_grad_sums(thetas: list[torch.Tensor], grads: list[torch.Tensor],
+                     params: torch.Tensor) -> torch.Tensor:
+    """``sum a g theta`` of every tensor, then ``sum a`` of every tensor (``a = m (1 - m)``),
+    float64: what the backward's cross terms need."""
+    k = len(thetas)
+    sums, dens = [], []
+    for i, (t, g) in enumerate(zip(thetas, grads, strict=True)):
+        m = torch.sigmoid(t.abs() * params[i] + params[k + i])
+        a = m * (1 - m)
+        sums.append((a * g * t).sum())
+        dens.append(a.sum())
+    return torch.stack(sums + dens).double()
+
+
+def weight_grads(thetas: list[torch.Tensor], grads: list[torch.Tensor], params: torch.Tensor,
+                 factors: torch.Tensor) -> list[torch.Tensor]:
+    """``dL/dtheta = g m + sign(theta) a (beta/c g theta + K)`` of every tensor, one pass each
+    (``factors``: each tensor's ``K``, its cross term over ``a``)."""
+    k = len(thetas)
+    out = []
+    for i, (t, g) in enumerate(zip(thetas, grads, strict=True)):
+        m = torch.sigmoid(t.abs() * params[i] + params[k + i])
+        a = m * (1 - m)
+        out.append(g * m + torch.sign(t) * a * (g * t * params[i] + factors[i]))
+    return out
