@@ -1,20 +1,22 @@
-"""Elementwise chains of the sync-free update as one compiled kernel each on a GPU.
+"""Elementwise chains of the mask work as one compiled kernel each on a GPU.
 
-On a GPU each op of the update is one kernel and one pass over the scores through memory. Two
-chains of it are pure elementwise work (and their sums), which ``torch.compile`` turns into one
-kernel that reads the scores once:
+On a GPU each op is one kernel and one pass through memory. The chains below are pure
+elementwise work (and their sums), which ``torch.compile`` turns into one kernel that reads its
+inputs once:
 
 - :func:`bin_index`: the histogram bin of every int32 key of the device selection
   (``_select.select_on_device``): eight int32 passes as separate ops;
 - :func:`sigmoid_moments`: one Newton evaluation, ``sum m``, ``sum m^2`` (and ``sum m^3``) of
-  ``m = sigmoid(beta u + shift)``: four to seven passes as separate ops.
+  ``m = sigmoid(beta u + shift)``: four to seven passes as separate ops;
+- :func:`masked_weights`, :func:`weight_grad_sums`, :func:`weight_grads`: the batched masked
+  weights of unstructured Spartan masks (``coupling.py``), one pass per weight in the forward
+  (six multi-tensor passes as separate ops) and two in the backward (about twenty).
 
-Each function is its eager ops, compiled once, on first use, for CUDA tensors
-(:data:`COMPILED_ON`), with the sizes, ``beta`` and every shift as inputs, not constants: no
-recompile as they move (a recompile costs seconds in the middle of training). When
-compiling fails (no Triton, an unsupported setup) it warns once and runs the eager ops, which
-compute the same values (the bins exactly; the sums up to the order of the additions).
-``TORCHSPARTAN_COMPILE=0`` in the environment keeps the eager ops everywhere.
+:class:`Compiled` compiles a function once, on first use, for CUDA tensors
+(:data:`COMPILED_ON`). When compiling fails (no Triton, an unsupported setup, too many
+recompiles) it warns once and the caller runs its eager ops, which compute the same values (the
+bins exactly; sums and sigmoids up to rounding). ``TORCHSPARTAN_COMPILE=0`` in the environment
+keeps the eager ops everywhere.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from torchspartan._chunks import moments
 __all__ = ["COMPILED_ON", "Compiled", "bin_index", "masked_weights", "sigmoid_moments",
            "weight_grad_sums", "weight_grads"]
 
-# The device types whose tensors take the compiled kernels (a CPU takes the chunked routes of
-# ``_chunks``, which keep a chunk in the cache instead).
+# The device types whose tensors take the compiled kernels. A CPU keeps its eager routes: the
+# chunked passes of ``_chunks`` (a chunk in the cache: faster there than a compiled kernel) and
+# the multi-tensor ops (a compile of every model a process trains would cost seconds each).
 COMPILED_ON = {"cuda"}
 
 
