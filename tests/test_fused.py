@@ -7,14 +7,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import floored_mlp
 from torch._dynamo.utils import counters
 
 import torchspartan as ts
 import torchspartan._fused as fused
 import torchspartan.coupling as coupling
 from torchspartan._select import select_on_device, select_top_budget
-
-from helpers import floored_mlp
 
 
 @pytest.fixture(scope="module")
