@@ -29,10 +29,8 @@ def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused, "COMPILED_ON", {"cpu", "cuda"})
     # fresh wrappers: nothing compiled or failed from another test
     monkeypatch.setattr(fused, "_bin_index_compiled", fused.Compiled(fused._bin_index))
-    monkeypatch.setattr(fused, "_moments2_compiled", fused.Compiled(fused._moments2,
-                                                                    fused._moments2_eager))
-    monkeypatch.setattr(fused, "_moments3_compiled", fused.Compiled(fused._moments3,
-                                                                    fused._moments3_eager))
+    monkeypatch.setattr(fused, "_moments2_compiled", fused.Compiled(fused._moments2))
+    monkeypatch.setattr(fused, "_moments3_compiled", fused.Compiled(fused._moments3))
     for name, fn in (("_WEIGHTS", fused.masked_weights), ("_GRAD_SUMS", fused.weight_grad_sums),
                      ("_GRADS", fused.weight_grads)):
         monkeypatch.setattr(coupling, name, fused.Compiled(fn, dynamic=False, contiguous=False))
@@ -60,8 +58,7 @@ def test_compiled_bins_and_moments_are_the_eager_ones(compiled_on_cpu: None) -> 
             beta, shift = 2.0 + 0.3 * step, torch.tensor(-1.0 - 0.2 * step)
             for cubes in (False, True):
                 got = fused.sigmoid_moments(u, beta, shift, cubes, out)
-                eager = fused._moments3_eager if cubes else fused._moments2_eager
-                want = eager(u, beta, shift, out)
+                want = fused.sigmoid_moments(u, beta, shift, cubes, out, keep=True)  # eager
                 assert got.dtype == torch.float64 and got.shape == (3 if cubes else 2,)
                 torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
     assert counters["stats"]["unique_graphs"] == 3  # bins, moments, moments with cubes

@@ -265,8 +265,7 @@ def solve_soft(
         if single:
             p, m, beta = pieces[0], work[0], float(pieces[0].beta)
             shift = (-beta * tau[0]).to(cdt)
-            sums = (moments(torch.add(shift, p.units, alpha=beta, out=m).sigmoid_(), curvature)
-                    if masks else sigmoid_moments(p.units, beta, shift, curvature, m))
+            sums = sigmoid_moments(p.units, beta, shift, curvature, m, keep=masks)
             return _derivatives(sums.mul_(float(p.cost)).unsqueeze(1), betas, budgets)
         parts = []
         for p, m in zip(pieces, work, strict=True):

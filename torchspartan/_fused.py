@@ -41,16 +41,15 @@ COMPILED_ON = {"cuda"}
 
 class Compiled:
     """``fn`` compiled on first use where its first argument (a tensor, or a list of them) is
-    on a device of :data:`COMPILED_ON`; ``eager`` (default ``fn``) else, and once compiling
-    failed (warned once). ``dynamic``: shapes and numbers as inputs from the first compile (one
+    on a device of :data:`COMPILED_ON`; ``fn`` run eagerly else, and once compiling failed
+    (warned once). ``dynamic``: shapes and numbers as inputs from the first compile (one
     kernel for every problem size and sharpness: a recompile costs seconds, mid-training);
     else one compile per set of shapes (the weights of one model). ``contiguous``: strided
-    inputs take ``eager`` (a strided sample would be a second compile)."""
+    inputs are not compiled for (a strided sample would be a second compile)."""
 
-    def __init__(self, fn: Callable[..., Any], eager: Callable[..., Any] | None = None, *,
-                 dynamic: bool = True, contiguous: bool = True) -> None:
+    def __init__(self, fn: Callable[..., Any], *, dynamic: bool = True,
+                 contiguous: bool = True) -> None:
         self.fn = fn
-        self.eager = eager if eager is not None else fn
         self.dynamic, self.contiguous = dynamic, contiguous
         self.compiled: Callable[..., Any] | None = None
         self.failed = os.environ.get("TORCHSPARTAN_COMPILE", "1") == "0"
@@ -76,8 +75,9 @@ class Compiled:
             return None
 
     def __call__(self, *args: Any) -> Any:
+        """The compiled function's result, or ``fn``'s run eagerly."""
         out = self.try_call(*args)
-        return self.eager(*args) if out is None else out
+        return self.fn(*args) if out is None else out
 
 
 def _bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
@@ -88,33 +88,21 @@ def _bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
                        torch.where(rel > bins, lane + (bins + 2 + lanes), rel))
 
 
-def _moments2(units: torch.Tensor, beta: float, shift: torch.Tensor,
-              out: torch.Tensor | None) -> torch.Tensor:
+def _moments2(units: torch.Tensor, beta: float, shift: torch.Tensor) -> torch.Tensor:
     m = torch.sigmoid(units * beta + shift)
     return torch.stack([m.sum(), (m * m).sum()]).double()
 
 
-def _moments3(units: torch.Tensor, beta: float, shift: torch.Tensor,
-              out: torch.Tensor | None) -> torch.Tensor:
+def _moments3(units: torch.Tensor, beta: float, shift: torch.Tensor) -> torch.Tensor:
     m = torch.sigmoid(units * beta + shift)
     sq = m * m
     return torch.stack([m.sum(), sq.sum(), (sq * m).sum()]).double()
 
 
-def _moments2_eager(units: torch.Tensor, beta: float, shift: torch.Tensor,
-                    out: torch.Tensor | None) -> torch.Tensor:
-    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), False)
-
-
-def _moments3_eager(units: torch.Tensor, beta: float, shift: torch.Tensor,
-                    out: torch.Tensor | None) -> torch.Tensor:
-    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), True)
-
-
 # one compiled function per variant (a flag argument would be a guard: two compiles each)
 _bin_index_compiled = Compiled(_bin_index)
-_moments2_compiled = Compiled(_moments2, _moments2_eager)
-_moments3_compiled = Compiled(_moments3, _moments3_eager)
+_moments2_compiled = Compiled(_moments2)
+_moments3_compiled = Compiled(_moments3)
 
 
 def bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
@@ -128,12 +116,16 @@ def bin_index(keys: torch.Tensor, key_lo: torch.Tensor, bins: int, lanes: int
 
 
 def sigmoid_moments(units: torch.Tensor, beta: float, shift: torch.Tensor, cubes: bool,
-                    out: torch.Tensor | None) -> torch.Tensor:
+                    out: torch.Tensor | None, keep: bool = False) -> torch.Tensor:
     """``[sum m, sum m^2]`` (with ``cubes`` also ``sum m^3``) of
     ``m = sigmoid(beta * units + shift)`` (``shift``: 0-dim), summed in the units' dtype,
-    returned in float64. The eager ops write ``m`` into ``out`` (the compiled kernel writes
-    nothing)."""
-    return (_moments3_compiled if cubes else _moments2_compiled)(units, beta, shift, out)
+    returned in float64. The eager ops write ``m`` into ``out``; ``keep``: ``m`` is wanted
+    there, so they run (the compiled kernel writes nothing)."""
+    if not keep:
+        sums = (_moments3_compiled if cubes else _moments2_compiled).try_call(units, beta, shift)
+        if sums is not None:
+            return sums
+    return moments(torch.add(shift, units, alpha=beta, out=out).sigmoid_(), cubes)
 
 
 # -- the batched masked weights of unstructured Spartan masks (coupling.py) ------------------

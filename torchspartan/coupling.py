@@ -358,12 +358,12 @@ class _BatchedWeights(torch.autograd.Function):
         if info.batched.blocked:
             n = len(thetas)
             return (None, *_blocked_backward(info, thetas, list(grads), ctx.m[:n], ctx.m[n:]))
-        scales, slope, n = info.batched.scales, info.slope, info.batched.split
-        beta = info.batched.betas[0]
         if info.kernels is not None:
             fused = _fused_backward(info, info.kernels, thetas, list(grads))
             if fused is not None:
                 return (None, *fused)
+        scales, slope, n = info.batched.scales, info.slope, info.batched.split
+        beta = info.batched.betas[0]
         # two lists of temporaries besides the result: a, then t; sign(theta) reuses a's memory
         a = _soft_masks(info, thetas)
         out = list(torch._foreach_mul(grads, a))  # g m
