@@ -84,6 +84,8 @@ class AllocationSolver:
         self._new_couplings: list[Coupling] = []
         self.views = BlockedViews()  # of the block masks' weights, kept between steps
         self.batches = True  # masks computed in batched nodes (not with sharded weights)
+        self._shapes_of: dict[tuple[int, ...], tuple[list[float], list[float],
+                                                     list[tuple[int, ...]]]] = {}
 
     @property
     def on_device(self) -> bool:
@@ -101,15 +103,29 @@ class AllocationSolver:
         masks = [self.refs[i].mask for i in idx]
         thetas = [self.thetas[i] for i in idx]
         batched = None
-        if all(m.method == "spartan" and m.threshold.dim() == 0 for m in masks) and len(
+        if all(m.method == "spartan" and m.buffer("threshold").dim() == 0 for m in masks) and len(
                 {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
                 torch.float32, torch.float64):
-            betas = [beta * math.sqrt(self.refs[i].mask.block_numel) for i in idx]
-            costs = [self.unit_costs[i] * self.refs[i].mask.block_numel for i in idx]
+            roots, costs, sizes = self._shapes(tuple(idx))
+            betas = [beta * r for r in roots]
             batched = Batched(betas, [b / c for b, c in zip(betas, costs, strict=True)],
-                              [-(b * tau) for b in betas],
-                              [self.refs[i].mask.sizes for i in idx])
+                              [-(b * tau) for b in betas], list(sizes))
         return Coupling(masks, thetas, slope, batched=batched, views=self.views)
+
+    def _shapes(self, idx: tuple[int, ...]
+                ) -> tuple[list[float], list[float], list[tuple[int, ...]]]:
+        """Per mask of budget ``idx``: ``sqrt(block size)`` (beta's factor), the cost of one
+        block-grid entry, the block sizes. Fixed for the solver's life (the masks' shapes and
+        blocks are), so worked out once: a coupling is made at every update, after the host
+        read, while a GPU waits."""
+        shapes = self._shapes_of.get(idx)
+        if shapes is None:
+            masks = [self.refs[i].mask for i in idx]
+            shapes = ([math.sqrt(m.block_numel) for m in masks],
+                      [self.unit_costs[i] * m.block_numel for i, m in zip(idx, masks, strict=True)],
+                      [m.sizes for m in masks])
+            self._shapes_of[idx] = shapes
+        return shapes
 
     def restore(self, idx: Sequence[int], slope: float) -> Coupling:
         """The coupling of a checkpoint (its mask indices and slope), made for the masks'

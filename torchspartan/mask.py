@@ -188,11 +188,18 @@ class SpartanMask(nn.Module):
         self._bind_state(hard_mask, beta, scope, coupling)
 
     def _check_hard(self, hard_mask: torch.Tensor) -> None:
-        if hard_mask.shape != self.hard_mask.shape or hard_mask.dtype != torch.bool:
+        shape = self.buffer("hard_mask").shape
+        if hard_mask.shape != shape or hard_mask.dtype != torch.bool:
             raise ValueError(
-                f"hard_mask must be a bool tensor of shape {tuple(self.hard_mask.shape)}, got "
+                f"hard_mask must be a bool tensor of shape {tuple(shape)}, got "
                 f"{hard_mask.dtype} {tuple(hard_mask.shape)}"
             )
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """The buffer ``name``: ``self.<name>`` without ``nn.Module.__getattr__``'s slow path
+        (every mask's buffers are read at every update, after the step's host read, while a GPU
+        waits)."""
+        return self._buffers[name]  # type: ignore[return-value]
 
     def _bind_state(self, hard_mask: torch.Tensor, beta: float, scope: Scope,
                     coupling: Coupling | None) -> None:
@@ -253,7 +260,7 @@ class SpartanMask(nn.Module):
     @property
     def sizes(self) -> tuple[int, ...]:
         """The block size along every dimension of the weight (1 where it is not blocked)."""
-        return block_sizes(self.hard_mask.shape, self.block)
+        return block_sizes(self.buffer("hard_mask").shape, self.block)
 
     def spec(self) -> MaskSpec:
         """The per-step description the weight function computes with."""
@@ -407,14 +414,14 @@ def update_masks(masks: Sequence[SpartanMask], hard_masks: Sequence[torch.Tensor
     multi-tensor ops, not two per mask. Every hard mask is checked before anything is written."""
     for m, h in zip(masks, hard_masks, strict=True):
         m._check_hard(h)
-    taus = [m.threshold for m in masks]
+    taus = [m.buffer("threshold") for m in masks]
     each = list(threshold.unbind()) if threshold.dim() == 1 else [threshold] * len(taus)
     if any(t.shape != () or t.device != threshold.device for t in taus):
         for m, h, b, t in zip(masks, hard_masks, betas, each, strict=True):
             m.update(h, threshold=t, beta=b, scope=scope, coupling=coupling)
         return
     torch._foreach_copy_(taus, each)
-    beta_buffers = [m.beta for m in masks]
+    beta_buffers = [m.buffer("beta") for m in masks]
     torch._foreach_zero_(beta_buffers)
     torch._foreach_add_(beta_buffers, [float(b) for b in betas])
     for m, h, b in zip(masks, hard_masks, betas, strict=True):

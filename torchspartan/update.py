@@ -323,7 +323,8 @@ class MaskUpdater:
             return None  # a default floor binds
         iterations, error = pending.commit(values[:n])
         self.couplings += self.solver.take_couplings()
-        redone = any(r.mask.hard_mask is not h for r, h in zip(self.refs, new, strict=True))
+        redone = any(r.mask.buffer("hard_mask") is not h
+                     for r, h in zip(self.refs, new, strict=True))
         if redone and floors and self.floors.below(
                 [float(r.mask.hard_mask.sum()) for r in self.refs]):
             self.release()
