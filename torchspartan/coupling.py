@@ -47,6 +47,8 @@ class BoundMask(Protocol):
 
     def spec(self) -> MaskSpec: ...
 
+    def buffer(self, name: str) -> torch.Tensor: ...
+
     def unbind(self, coupling: Coupling) -> None: ...
 
     def join(self, coupling: Coupling) -> None: ...
@@ -98,7 +100,7 @@ class Coupling:
         and the hard mask (identity). The thresholds are the node's own numbers
         (``Batched.offsets``), fixed when the node was made."""
         mask, theta = self._member(k)
-        return (theta._version, id(mask.hard_mask))
+        return (theta._version, id(mask.buffer("hard_mask")))
 
     def attach(self, masks: Sequence[BoundMask], thetas: Sequence[torch.Tensor],
                betas: Sequence[float], costs: Sequence[float], taus: Sequence[float],
@@ -139,8 +141,8 @@ class Coupling:
                 b.blocked) else None
             kernels = _Kernels.make(b, thetas) if (
                 not b.blocked and _WEIGHTS.applies(thetas)) else None
-            info = _Info(b, self.slope, [m.hard_mask for m in self.masks + self.locals], views,
-                         kernels)
+            hards = [m.buffer("hard_mask") for m in self.masks + self.locals]
+            info = _Info(b, self.slope, hards, views, kernels)
             self._weights = None  # the last ones are freed before the new ones are made
             if grad:
                 ws = _BatchedWeights.apply(info, *thetas)
