@@ -158,7 +158,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     spartan_ms = statistics.median(steps["spartan"]) * 1e3
     record = opt.last_record
     return {
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "threads": 1,
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_average": [round(v, 2) for v in os.getloadavg()],
