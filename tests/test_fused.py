@@ -96,6 +96,25 @@ def test_a_failed_compile_warns_once_and_runs_the_eager_ops(
         fused.bin_index(keys, key_lo, 1 << 22, 1 << 12)
 
 
+def test_under_a_dispatch_mode_the_eager_ops_run_and_compiling_is_not_given_up(
+        compiled_on_cpu: None) -> None:
+    """torch.compile refuses to compile under a user's TorchDispatchMode (FlopCounterMode, a
+    counting mode): the eager ops run there, quietly, and the kernel compiles after it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    u = torch.rand(1000)
+    keys, key_lo = u.view(torch.int32), u.view(torch.int32)[3].clone()
+    want = fused._bin_index(keys, key_lo, 1 << 22, 1 << 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compiling failed"
+        with FlopCounterMode(display=False):
+            assert torch.equal(fused.bin_index(keys, key_lo, 1 << 22, 1 << 12), want)
+        assert fused._bin_index_compiled.compiled is None  # not even tried
+        assert torch.equal(fused.bin_index(keys, key_lo, 1 << 22, 1 << 12), want)
+    assert not fused._bin_index_compiled.failed
+    assert fused._bin_index_compiled.compiled is not None
+
+
 def test_sync_free_training_with_compiled_chains_keeps_its_promises(
         compiled_on_cpu: None) -> None:
     """A sync-free run whose selection and Newton evaluations take the compiled kernels keeps

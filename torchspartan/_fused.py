@@ -15,8 +15,8 @@ inputs once:
 :class:`Compiled` compiles a function once, on first use, for CUDA tensors
 (:data:`COMPILED_ON`). When compiling fails (no Triton, an unsupported setup, too many
 recompiles) it warns once and the caller runs its eager ops, which compute the same values (the
-bins exactly; sums and sigmoids up to rounding). ``TORCHSPARTAN_COMPILE=0`` in the environment
-keeps the eager ops everywhere.
+bins exactly; sums and sigmoids up to rounding); under a ``TorchDispatchMode`` the eager ops run
+without a try. ``TORCHSPARTAN_COMPILE=0`` in the environment keeps the eager ops everywhere.
 """
 
 from __future__ import annotations
@@ -55,9 +55,14 @@ class Compiled:
         self.failed = os.environ.get("TORCHSPARTAN_COMPILE", "1") == "0"
 
     def applies(self, first: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+        """Whether the compiled kernel runs for these inputs. Not under a ``TorchDispatchMode``
+        (a user's ``FlopCounterMode``, a tracer's fake tensors): ``torch.compile`` refuses to
+        compile there, which is no reason to give up on it for the rest of the run; the eager
+        ops run inside the mode, the compiled kernel again after it."""
         x = first if isinstance(first, torch.Tensor) else first[0]
         return not self.failed and x.device.type in COMPILED_ON and (
-            not self.contiguous or x.is_contiguous())
+            not self.contiguous or x.is_contiguous()) and (
+            torch._C._len_torch_dispatch_stack() == 0)
 
     def try_call(self, *args: Any) -> Any:
         """The compiled function's result, or None where it does not apply or compiling
