@@ -73,7 +73,8 @@ that derives from them, is device-side. On an accelerator, host-side simply mean
 Reads of host-side tensors are recorded separately (``host_reads``), not counted as syncs.
 
 Caveats: the library takes device-specific code paths (``if device.type == "cpu"``), so the
-counts are those of the path a CPU run takes; ops of other kinds that synchronise on an
+counts are those of the path a CPU run takes; on CUDA the compiled kernels (``_fused.py``) give
+way to their eager ops under a dispatch mode, so ``--device cuda`` counts the eager route; ops of other kinds that synchronise on an
 accelerator (e.g. the error checks of some ``linalg`` ops, printing a tensor) are not in the list
 above and were not expected in a training step.
 
