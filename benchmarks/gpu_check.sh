@@ -24,8 +24,8 @@ step() {  # step NAME COMPILE ARGS...: one step_overhead.py run of the step rati
   shift 2
   echo "== $name (TORCHSPARTAN_COMPILE=$compiled)"
   TORCHSPARTAN_COMPILE=$compiled "$py" benchmarks/step_overhead.py --device cuda --batch 256 \
-    --fused --only steps --pipelined-rounds 7 "$@" --out "$out/$name" 2>&1 |
-    grep -E "pipelined round" | tail -n 7
+    --fused --only steps --repeats 5 --pipelined-rounds 9 "$@" --out "$out/$name" 2>&1 |
+    grep -E "pipelined round" | tail -n 9
 }
 
 for r in $(seq 1 "${ROUNDS:-2}"); do
