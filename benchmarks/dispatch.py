@@ -74,9 +74,9 @@ Reads of host-side tensors are recorded separately (``host_reads``), not counted
 
 Caveats: the library takes device-specific code paths (``if device.type == "cpu"``), so the
 counts are those of the path a CPU run takes; on CUDA the compiled kernels (``_fused.py``) give
-way to their eager ops under a dispatch mode, so ``--device cuda`` counts the eager route; ops of other kinds that synchronise on an
-accelerator (e.g. the error checks of some ``linalg`` ops, printing a tensor) are not in the list
-above and were not expected in a training step.
+way to their eager ops under a dispatch mode, so ``--device cuda`` counts the eager route; ops
+of other kinds that synchronise on an accelerator (e.g. the error checks of some ``linalg``
+ops, printing a tensor) are not in the list above and were not expected in a training step.
 
 Targets written into the results: the ops a Spartan step adds over the dense step are at most
 0.5x the dense step's ops, and a Spartan step makes at most 2 host syncs, for ResNet-50 and for
