@@ -95,29 +95,33 @@ class AllocationSolver:
             return self.sync_free
         return bool(self.refs) and self.refs[0].theta.is_cuda
 
-    def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
-                 ) -> Coupling:
-        """The coupling of a budget shared by the masks ``idx`` at threshold ``tau``: batched
-        when every mask is Spartan (unstructured or blocks) with one dtype (float32/float64)
-        and one device."""
+    def coupling(self, idx: Sequence[int], slope: torch.Tensor, betas: Sequence[float],
+                 tau: float) -> Coupling:
+        """The coupling of a budget shared by the masks ``idx`` at threshold ``tau``, their
+        sharpness ``betas`` (:meth:`betas`): batched when every mask is Spartan (unstructured
+        or blocks) with one dtype (float32/float64) and one device."""
         masks = [self.refs[i].mask for i in idx]
         thetas = [self.thetas[i] for i in idx]
         batched = None
         if all(m.method == "spartan" and m.buffer("threshold").dim() == 0 for m in masks) and len(
                 {(t.dtype, t.device) for t in thetas}) == 1 and thetas[0].dtype in (
                 torch.float32, torch.float64):
-            roots, costs, sizes = self._shapes(tuple(idx))
-            betas = [beta * r for r in roots]
-            batched = Batched(betas, [b / c for b, c in zip(betas, costs, strict=True)],
+            _, costs, sizes = self._shapes(tuple(idx))
+            batched = Batched(list(betas), [b / c for b, c in zip(betas, costs, strict=True)],
                               [-(b * tau) for b in betas], list(sizes))
         return Coupling(masks, thetas, slope, batched=batched, views=self.views)
+
+    def betas(self, idx: Sequence[int], beta: float) -> list[float]:
+        """The sharpness of each mask of budget ``idx`` at ``beta``: ``beta sqrt(block size)``
+        (a block's score sums its entries)."""
+        return [beta * r for r in self._shapes(tuple(idx))[0]]
 
     def _shapes(self, idx: tuple[int, ...]
                 ) -> tuple[list[float], list[float], list[tuple[int, ...]]]:
         """Per mask of budget ``idx``: ``sqrt(block size)`` (beta's factor), the cost of one
         block-grid entry, the block sizes. Fixed for the solver's life (the masks' shapes and
-        blocks are), so worked out once: a coupling is made at every update, after the host
-        read, while a GPU waits."""
+        blocks are), so worked out once: a budget's masks are written and its coupling made at
+        every update, after the host read, while a GPU waits."""
         shapes = self._shapes_of.get(idx)
         if shapes is None:
             masks = [self.refs[i].mask for i in idx]
@@ -133,7 +137,7 @@ class AllocationSolver:
         masks = [self.refs[i].mask for i in idx]
         beta = float(masks[0].beta) / math.sqrt(masks[0].block_numel)
         c = self.coupling(idx, to_device(slope, masks[0].threshold.device, torch.float64),
-                          beta, float(masks[0].threshold))
+                          self.betas(idx, beta), float(masks[0].threshold))
         bind(c, masks)
         return c
 
@@ -577,17 +581,16 @@ class Pending:
                                   tau_init=solution.tau, reduce=solver.reduce)
             tau_host, err = torch.stack([solution.tau[0], solution.error.max()]).tolist()
             evaluations += solution.evaluations
+        betas = solver.betas(idx, self.beta)
         coupling = None
         if len(idx) > 1:
-            coupling = solver.coupling(idx, solution.slope[0], self.beta, tau_host)
+            coupling = solver.coupling(idx, solution.slope[0], betas, tau_host)
             solver._new_couplings.append(coupling)
         scope: Scope = "shared" if coupling is not None else "local"
         self.tau_host = tau_host if coupling is None else None
-        solver.remember_offset(idx, tau_host, self.threshold,
-                               self.beta * math.sqrt(masks[0].block_numel))
+        solver.remember_offset(idx, tau_host, self.threshold, betas[0])
         update_masks(masks, [self.hard_of[i] for i in idx], threshold=solution.tau[0],
-                     betas=[self.beta * math.sqrt(m.block_numel) for m in masks], scope=scope,
-                     coupling=coupling)
+                     betas=betas, scope=scope, coupling=coupling)
         self.remember_written()
         return evaluations, err
 

@@ -187,8 +187,8 @@ class ShardedSolver(AllocationSolver):
             )
         return umax
 
-    def coupling(self, idx: Sequence[int], slope: torch.Tensor, beta: float, tau: float
-                 ) -> Coupling:
+    def coupling(self, idx: Sequence[int], slope: torch.Tensor, betas: Sequence[float],
+                 tau: float) -> Coupling:
         """A :class:`ShardedCoupling` (never batched: FSDP2 gathers one block at a time)."""
         return ShardedCoupling([self.refs[i].mask for i in idx],
                                [self.refs[i].theta for i in idx], slope,
